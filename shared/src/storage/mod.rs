@@ -1,0 +1,263 @@
+//! Storage: read sources and crop lists, write crops. One [`Storage`] facade dispatches by
+//! [`Location`] to a backend behind the [`ObjectStore`] trait: local disk ([`local`]), and the
+//! read-only HTTP(S) and Google Cloud Storage backends where configured.
+
+pub mod local;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::error::Failure;
+
+/// Default limit on source bytes read for one task (256 MiB).
+pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Where an object lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// A local path (`/x`, `x`, `file:///x`).
+    Local(PathBuf),
+    /// `gs://bucket/key`.
+    Gcs { bucket: String, key: String },
+    /// `http://` or `https://` (read-only).
+    Http(String),
+}
+
+impl Location {
+    /// Parse a URI or plain path.
+    pub fn parse(s: &str) -> Result<Location, StorageError> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(StorageError::Invalid {
+                uri: s.into(),
+                reason: "empty location".into(),
+            });
+        }
+        if let Some(rest) = s.strip_prefix("gs://") {
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StorageError::Invalid {
+                    uri: s.into(),
+                    reason: "gs:// URI without a bucket".into(),
+                });
+            }
+            return Ok(Location::Gcs {
+                bucket: bucket.into(),
+                key: key.trim_start_matches('/').into(),
+            });
+        }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(Location::Http(s.into()));
+        }
+        if let Some(rest) = s.strip_prefix("file://") {
+            return Ok(Location::Local(PathBuf::from(rest)));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            return Err(StorageError::Invalid {
+                uri: s.into(),
+                reason: format!("unsupported scheme {scheme}://"),
+            });
+        }
+        Ok(Location::Local(PathBuf::from(s)))
+    }
+
+    /// A child object: `self/name`.
+    pub fn join(&self, name: &str) -> Location {
+        match self {
+            Location::Local(p) => Location::Local(p.join(name)),
+            Location::Gcs { bucket, key } => {
+                let key = if key.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{}/{name}", key.trim_end_matches('/'))
+                };
+                Location::Gcs {
+                    bucket: bucket.clone(),
+                    key,
+                }
+            }
+            Location::Http(u) => Location::Http(format!("{}/{name}", u.trim_end_matches('/'))),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(p) => write!(f, "{}", p.display()),
+            Location::Gcs { bucket, key } => write!(f, "gs://{bucket}/{key}"),
+            Location::Http(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Storage failures, each naming the object.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("{uri}: not found")]
+    NotFound { uri: String },
+    #[error("{uri}: {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { uri: String, size: u64, limit: u64 },
+    #[error("{uri}: {reason}")]
+    Invalid { uri: String, reason: String },
+    #[error("{uri}: permission denied: {reason}")]
+    Denied { uri: String, reason: String },
+    #[error("{uri}: unreachable or failing, will retry: {reason}")]
+    Unavailable { uri: String, reason: String },
+    #[error("{uri}: I/O error: {source}")]
+    Io { uri: String, source: std::io::Error },
+}
+
+impl StorageError {
+    /// Missing, oversized, invalid or forbidden objects are permanent; outages are transient.
+    pub fn failure(&self) -> Failure {
+        match self {
+            StorageError::Unavailable { .. } => Failure::Transient,
+            StorageError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::PermissionDenied
+                | std::io::ErrorKind::InvalidInput => Failure::Permanent,
+                _ => Failure::Transient,
+            },
+            _ => Failure::Permanent,
+        }
+    }
+
+    pub(crate) fn io(loc: &Location, source: std::io::Error) -> StorageError {
+        match source.kind() {
+            std::io::ErrorKind::NotFound => StorageError::NotFound {
+                uri: loc.to_string(),
+            },
+            std::io::ErrorKind::PermissionDenied => StorageError::Denied {
+                uri: loc.to_string(),
+                reason: source.to_string(),
+            },
+            _ => StorageError::Io {
+                uri: loc.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// One storage backend.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// Read a whole object, refusing objects over `max_bytes`.
+    async fn get(&self, loc: &Location, max_bytes: u64) -> Result<Vec<u8>, StorageError>;
+    /// Write (create or overwrite) an object.
+    async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError>;
+    /// Names of the objects under a prefix, relative to it, sorted.
+    async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError>;
+}
+
+/// The facade the worker uses: routes each location to its backend.
+#[derive(Clone)]
+pub struct Storage {
+    local: Arc<dyn ObjectStore>,
+    gcs: Option<Arc<dyn ObjectStore>>,
+    http: Option<Arc<dyn ObjectStore>>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage::local_only()
+    }
+}
+
+impl Storage {
+    /// Local disk only; `gs://` and `http(s)://` are rejected with a clear error.
+    pub fn local_only() -> Storage {
+        Storage {
+            local: Arc::new(local::LocalStore),
+            gcs: None,
+            http: None,
+        }
+    }
+
+    /// Add a Google Cloud Storage backend for `gs://`.
+    pub fn with_gcs(mut self, gcs: Arc<dyn ObjectStore>) -> Storage {
+        self.gcs = Some(gcs);
+        self
+    }
+
+    /// Add an HTTP(S) backend for reading `http(s)://` sources.
+    pub fn with_http(mut self, http: Arc<dyn ObjectStore>) -> Storage {
+        self.http = Some(http);
+        self
+    }
+
+    fn backend(&self, loc: &Location) -> Result<&Arc<dyn ObjectStore>, StorageError> {
+        let missing = |what: &str| StorageError::Invalid {
+            uri: loc.to_string(),
+            reason: format!("{what} is not enabled in this process"),
+        };
+        match loc {
+            Location::Local(_) => Ok(&self.local),
+            Location::Gcs { .. } => self
+                .gcs
+                .as_ref()
+                .ok_or_else(|| missing("Google Cloud Storage (gs://)")),
+            Location::Http(_) => self.http.as_ref().ok_or_else(|| missing("HTTP(S) reading")),
+        }
+    }
+
+    pub async fn get(&self, loc: &Location, max_bytes: u64) -> Result<Vec<u8>, StorageError> {
+        self.backend(loc)?.get(loc, max_bytes).await
+    }
+
+    pub async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError> {
+        if let Location::Http(u) = loc {
+            return Err(StorageError::Invalid {
+                uri: u.clone(),
+                reason: "http(s) locations are read-only".into(),
+            });
+        }
+        self.backend(loc)?.put(loc, data).await
+    }
+
+    pub async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError> {
+        self.backend(prefix)?.list(prefix).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_locations() {
+        assert_eq!(
+            Location::parse("/a/b").unwrap(),
+            Location::Local("/a/b".into())
+        );
+        assert_eq!(
+            Location::parse("file:///a/b").unwrap(),
+            Location::Local("/a/b".into())
+        );
+        assert_eq!(
+            Location::parse("gs://bkt/x/y").unwrap(),
+            Location::Gcs {
+                bucket: "bkt".into(),
+                key: "x/y".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("gs://bkt")
+                .unwrap()
+                .join("t1")
+                .join("000.jpg")
+                .to_string(),
+            "gs://bkt/t1/000.jpg"
+        );
+        assert!(Location::parse("gs:///x").is_err());
+        assert!(Location::parse("ftp://x").is_err());
+        assert!(matches!(
+            Location::parse("https://h/x.jpg").unwrap(),
+            Location::Http(_)
+        ));
+    }
+}

@@ -1,0 +1,557 @@
+//! The worker loop: take tasks from a queue, run each through download → decode → crop+encode →
+//! upload, publish the result event, then ack. CPU work runs on a dedicated rayon pool; the
+//! async runtime only moves bytes. At most `prefetch` tasks are held at once, so downloads of the
+//! next tasks overlap the CPU work of the current one; uploads start as each crop is encoded.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::crops::{self, CropBox};
+use crate::engine;
+use crate::error::{Failure, TaskError};
+use crate::queue::{ConsumerOptions, Delivery, Queue, QueueError};
+use crate::storage::{Location, Storage};
+use crate::task::{CropMode, CropsSpec, ResultEvent, StageTimes, Task, RESULT_VERSION};
+use crate::telemetry as tm;
+use crate::util::now_ms;
+
+/// Worker settings; the binary fills them from flags.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// CPU pool threads.
+    pub threads: usize,
+    /// Most tasks held (received, not yet acked) at once.
+    pub prefetch: usize,
+    /// Most uploads running at once, across all tasks.
+    pub upload_concurrency: usize,
+    /// Default JPEG quality when a task gives none.
+    pub quality: u8,
+    pub max_pixels: u64,
+    pub max_source_bytes: u64,
+    pub max_crops: usize,
+    /// Deliveries before a transiently failing task is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Spool lease: how long a claim survives its worker.
+    pub lease: Duration,
+    /// Exit once the queue has been empty (and nothing in flight) this long.
+    pub exit_when_idle: Option<Duration>,
+    /// On shutdown, how long in-flight tasks may take to finish before being left for redelivery.
+    pub shutdown_timeout: Duration,
+    /// Identity in result events and logs.
+    pub worker_id: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            prefetch: 8,
+            upload_concurrency: 32,
+            quality: engine::DEFAULT_QUALITY,
+            max_pixels: engine::DEFAULT_MAX_PIXELS,
+            max_source_bytes: crate::storage::DEFAULT_MAX_SOURCE_BYTES,
+            max_crops: crops::DEFAULT_MAX_CROPS,
+            max_attempts: 5,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
+            exit_when_idle: None,
+            shutdown_timeout: Duration::from_secs(25),
+            worker_id: default_worker_id(),
+        }
+    }
+}
+
+/// `hostname:pid`.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Live state for health endpoints and tests.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// Connected to its queue and consuming.
+    pub ready: AtomicBool,
+    /// Shutdown requested: finishing in-flight work, taking no more.
+    pub draining: AtomicBool,
+    /// Unix ms of the last turn of the main loop (liveness).
+    pub heartbeat_ms: AtomicU64,
+    pub ok: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub retried: AtomicU64,
+}
+
+/// What a finished `run` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSummary {
+    pub ok: u64,
+    pub dead_lettered: u64,
+    pub retried: u64,
+    /// Tasks still running when the shutdown timeout ran out (left for redelivery).
+    pub abandoned: u64,
+}
+
+struct Ctx {
+    cfg: WorkerConfig,
+    results: Arc<dyn Queue>,
+    storage: Storage,
+    pool: rayon::ThreadPool,
+    uploads: Arc<Semaphore>,
+    state: Arc<WorkerState>,
+}
+
+/// A worker: a CPU pool plus the queues and storage it serves.
+pub struct Worker {
+    ctx: Arc<Ctx>,
+    queue: Arc<dyn Queue>,
+}
+
+impl Worker {
+    pub fn new(
+        cfg: WorkerConfig,
+        queue: Arc<dyn Queue>,
+        results: Arc<dyn Queue>,
+        storage: Storage,
+    ) -> std::io::Result<Worker> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .thread_name(|i| format!("cropfleet-cpu-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let uploads = Arc::new(Semaphore::new(cfg.upload_concurrency.max(1)));
+        let ctx = Ctx {
+            cfg,
+            results,
+            storage,
+            pool,
+            uploads,
+            state: Arc::default(),
+        };
+        Ok(Worker {
+            ctx: Arc::new(ctx),
+            queue,
+        })
+    }
+
+    /// Shared live state (readiness, draining, counters).
+    pub fn state(&self) -> Arc<WorkerState> {
+        self.ctx.state.clone()
+    }
+
+    /// Consume until `shutdown` resolves (or the idle timeout), then drain in-flight work for up to
+    /// `shutdown_timeout`. Errors only if the queue cannot be opened at all.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<WorkerSummary, QueueError> {
+        let cfg = &self.ctx.cfg;
+        let state = &self.ctx.state;
+        let opts = ConsumerOptions {
+            prefetch: cfg.prefetch.max(1),
+            max_attempts: cfg.max_attempts,
+            lease: cfg.lease,
+        };
+        let mut consumer = self.queue.consumer(opts).await?;
+        state.ready.store(true, Ordering::SeqCst);
+        info!(worker = %cfg.worker_id, threads = cfg.threads, prefetch = cfg.prefetch, uploads = cfg.upload_concurrency, backend = self.queue.backend(), "worker started");
+        let slots = Arc::new(Semaphore::new(cfg.prefetch.max(1)));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut idle_since = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        tokio::pin!(shutdown);
+        loop {
+            state.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+            while tasks.try_join_next().is_some() {}
+            let slot = tokio::select! {
+                _ = &mut shutdown => break,
+                s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
+            };
+            let next = tokio::select! {
+                _ = &mut shutdown => break,
+                n = consumer.next(Duration::from_millis(250)) => n,
+            };
+            match next {
+                Ok(Some(delivery)) => {
+                    idle_since = Instant::now();
+                    backoff = Duration::from_millis(100);
+                    state.ready.store(true, Ordering::SeqCst);
+                    let ctx = self.ctx.clone();
+                    tasks.spawn(async move {
+                        gauge!(tm::IN_FLIGHT).increment(1.0);
+                        process(&ctx, delivery).await;
+                        gauge!(tm::IN_FLIGHT).decrement(1.0);
+                        drop(slot);
+                    });
+                }
+                Ok(None) => {
+                    drop(slot);
+                    if let Some(idle) = cfg.exit_when_idle {
+                        if tasks.is_empty() && idle_since.elapsed() >= idle {
+                            info!(idle_s = idle.as_secs_f64(), "queue idle; exiting");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    drop(slot);
+                    state.ready.store(false, Ordering::SeqCst);
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "receiving from the queue failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        state.draining.store(true, Ordering::SeqCst);
+        state.ready.store(false, Ordering::SeqCst);
+        consumer.stop().await;
+        let pending = tasks.len();
+        if pending > 0 {
+            info!(
+                pending,
+                timeout_s = cfg.shutdown_timeout.as_secs_f64(),
+                "draining in-flight tasks"
+            );
+        }
+        let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let abandoned = if drained.is_err() {
+            let n = tasks.len() as u64;
+            warn!(
+                abandoned = n,
+                "shutdown timeout: leaving unfinished tasks unacked for redelivery"
+            );
+            tasks.abort_all();
+            n
+        } else {
+            0
+        };
+        drop(consumer);
+        let s = WorkerSummary {
+            ok: state.ok.load(Ordering::Relaxed),
+            dead_lettered: state.dead_lettered.load(Ordering::Relaxed),
+            retried: state.retried.load(Ordering::Relaxed),
+            abandoned,
+        };
+        info!(
+            ok = s.ok,
+            dead_lettered = s.dead_lettered,
+            retried = s.retried,
+            abandoned = s.abandoned,
+            "worker stopped"
+        );
+        Ok(s)
+    }
+}
+
+/// Exponential backoff for attempt `n` (1-based), capped.
+pub fn retry_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(max)
+}
+
+async fn process(ctx: &Ctx, d: Delivery) {
+    let Delivery {
+        id,
+        payload,
+        attempt,
+        acker,
+    } = d;
+    let task_id = peek_id(&payload);
+    let span = info_span!("task", task_id = %task_id, msg = %id, attempt);
+    async move {
+        let result = handle(ctx, &payload, attempt).await;
+        let cfg = &ctx.cfg;
+        let settled = match result {
+            Ok(ev) => match ctx.results.publish(&ev.to_json()).await {
+                Ok(()) => {
+                    debug!(total_ms = ev.stages_ms.total, "task done");
+                    counter!(tm::TASKS, "outcome" => "ok").increment(1);
+                    ctx.state.ok.fetch_add(1, Ordering::Relaxed);
+                    acker.ack().await
+                }
+                Err(e) => {
+                    settle_failure(
+                        ctx,
+                        acker,
+                        attempt,
+                        Failure::Transient,
+                        &format!("publishing the result event failed: {e}"),
+                    )
+                    .await
+                }
+            },
+            Err(e) => {
+                settle_failure(
+                    ctx,
+                    acker,
+                    attempt,
+                    e.failure(),
+                    &format!("{}: {e}", e.kind()),
+                )
+                .await
+            }
+        };
+        if let Err(e) = settled {
+            warn!(error = %e, "could not settle the message; it will be redelivered");
+        }
+        let _ = cfg;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn settle_failure(
+    ctx: &Ctx,
+    acker: Box<dyn crate::queue::Acker>,
+    attempt: u32,
+    failure: Failure,
+    reason: &str,
+) -> Result<(), QueueError> {
+    let cfg = &ctx.cfg;
+    if failure == Failure::Transient && attempt < cfg.max_attempts {
+        let delay = retry_delay(cfg.retry_base, cfg.retry_max, attempt);
+        warn!(
+            reason,
+            retry_in_ms = delay.as_millis() as u64,
+            "transient failure; will retry"
+        );
+        counter!(tm::TASKS, "outcome" => "retried").increment(1);
+        ctx.state.retried.fetch_add(1, Ordering::Relaxed);
+        acker.retry(delay, reason).await
+    } else {
+        let reason = if failure == Failure::Transient {
+            format!("gave up after {attempt} attempts: {reason}")
+        } else {
+            reason.to_string()
+        };
+        warn!(reason = %reason, "dead-lettering task");
+        counter!(tm::TASKS, "outcome" => "dead_lettered").increment(1);
+        ctx.state.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        acker.dead_letter(&reason).await
+    }
+}
+
+/// The task id for logs, even from a message that will fail to parse.
+fn peek_id(payload: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        id: String,
+    }
+    serde_json::from_slice::<Peek>(payload)
+        .map(|p| p.id.chars().take(128).collect())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn load_boxes(
+    storage: &Storage,
+    spec: &CropsSpec,
+    max_bytes: u64,
+) -> Result<Vec<CropBox>, TaskError> {
+    match spec {
+        CropsSpec::Inline(b) => Ok(b.clone()),
+        CropsSpec::Uri(u) => {
+            let loc = Location::parse(u)?;
+            let bytes = storage.get(&loc, max_bytes.min(16 * 1024 * 1024)).await?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| TaskError::InvalidCrops(format!("{u} is not UTF-8 text")))?;
+            crops::parse_csv(&text)
+        }
+    }
+}
+
+struct CpuDone {
+    decode: Duration,
+    encode: Duration,
+    width: u32,
+    height: u32,
+}
+
+/// Run one task to the point where every crop is stored; returns its result event.
+async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, TaskError> {
+    let cfg = &ctx.cfg;
+    let t0 = Instant::now();
+    let started_ms = now_ms();
+    let task = Task::parse(payload)?;
+    let queue_wait = task
+        .enqueued_ms
+        .map(|e| started_ms.saturating_sub(e) as f64)
+        .unwrap_or(0.0);
+    let image_loc = Location::parse(&task.image)?;
+    let out = Location::parse(&task.output)?;
+    if matches!(out, Location::Http(_)) {
+        return Err(TaskError::InvalidField {
+            field: "output",
+            reason: "http(s) outputs are not supported (read-only)".into(),
+        });
+    }
+    let out = out.join(&task.id);
+    let (img, boxes) = tokio::try_join!(
+        async {
+            ctx.storage
+                .get(&image_loc, cfg.max_source_bytes)
+                .await
+                .map_err(TaskError::from)
+        },
+        load_boxes(&ctx.storage, &task.crops, cfg.max_source_bytes),
+    )?;
+    let download = t0.elapsed();
+    crops::check_count(boxes.len(), cfg.max_crops)?;
+    let quality = task.quality.unwrap_or(cfg.quality);
+
+    // CPU: decode once, then encode crops in parallel; each crop flows back as soon as it is ready.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+    let (done_tx, done_rx) = oneshot::channel::<Result<CpuDone, TaskError>>();
+    let (max_pixels, max_crops) = (cfg.max_pixels, cfg.max_crops);
+    let boxes = Arc::new(boxes);
+    let cpu_boxes = boxes.clone();
+    ctx.pool.spawn(move || {
+        gauge!(tm::CPU_BUSY).increment(1.0);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> Result<CpuDone, TaskError> {
+                let t = Instant::now();
+                let info = engine::probe(&img, max_pixels)?;
+                let (w, h) = info.display_size();
+                crops::validate(&cpu_boxes, w, h, max_crops)?;
+                let decoded = engine::decode(&img, max_pixels)?;
+                drop(img);
+                let decode = t.elapsed();
+                let t = Instant::now();
+                engine::encode_all(&decoded, &cpu_boxes, quality, |i, bytes| {
+                    let _ = tx.send((i, bytes));
+                })?;
+                Ok(CpuDone {
+                    decode,
+                    encode: t.elapsed(),
+                    width: decoded.width,
+                    height: decoded.height,
+                })
+            },
+        ));
+        gauge!(tm::CPU_BUSY).decrement(1.0);
+        let res = run.unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(TaskError::Internal(format!("CPU job panicked: {msg}")))
+        });
+        let _ = done_tx.send(res);
+    });
+
+    // Uploads: bounded by the worker-wide semaphore, started as each crop arrives.
+    let mut uploads: JoinSet<Result<u64, TaskError>> = JoinSet::new();
+    let mut first_ready: Option<Instant> = None;
+    while let Some((i, bytes)) = rx.recv().await {
+        first_ready.get_or_insert_with(Instant::now);
+        let permit = ctx
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let loc = out.join(&format!("{i:03}.jpg"));
+        let storage = ctx.storage.clone();
+        uploads.spawn(async move {
+            gauge!(tm::UPLOADS_IN_FLIGHT).increment(1.0);
+            let n = bytes.len() as u64;
+            let r = storage.put(&loc, bytes).await;
+            gauge!(tm::UPLOADS_IN_FLIGHT).decrement(1.0);
+            drop(permit);
+            r.map(|_| n).map_err(TaskError::from)
+        });
+    }
+    let cpu = match done_rx.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            uploads.abort_all();
+            return Err(e);
+        }
+        Err(_) => return Err(TaskError::Internal("CPU pool dropped the job".into())),
+    };
+    let mut bytes = 0;
+    while let Some(r) = uploads.join_next().await {
+        match r {
+            Ok(Ok(n)) => bytes += n,
+            Ok(Err(e)) => {
+                uploads.abort_all();
+                return Err(e);
+            }
+            Err(e) => return Err(TaskError::Internal(format!("upload task failed: {e}"))),
+        }
+    }
+    let upload = first_ready.map(|t| t.elapsed()).unwrap_or_default();
+    let total = t0.elapsed();
+    let stages = StageTimes {
+        queue_wait,
+        download: ms(download),
+        decode: ms(cpu.decode),
+        crop_encode: ms(cpu.encode),
+        upload: ms(upload),
+        total: ms(total),
+    };
+    for (stage, v) in [
+        ("queue_wait", stages.queue_wait),
+        ("download", stages.download),
+        ("decode", stages.decode),
+        ("crop_encode", stages.crop_encode),
+        ("upload", stages.upload),
+        ("total", stages.total),
+    ] {
+        histogram!(tm::STAGE_SECONDS, "stage" => stage).record(v / 1000.0);
+    }
+    counter!(tm::CROPS).increment(boxes.len() as u64);
+    counter!(tm::BYTES).increment(bytes);
+    Ok(ResultEvent {
+        v: RESULT_VERSION,
+        task_id: task.id.clone(),
+        run_id: task.run_id.clone(),
+        worker: cfg.worker_id.clone(),
+        attempt,
+        crops: boxes.len() as u32,
+        bytes,
+        output: out.to_string(),
+        mode: CropMode::Decode,
+        width: cpu.width,
+        height: cpu.height,
+        started_ms,
+        finished_ms: now_ms(),
+        stages_ms: stages,
+        threads: cfg.threads as u32,
+        upload_concurrency: cfg.upload_concurrency as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let (b, m) = (Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(retry_delay(b, m, 1), Duration::from_millis(100));
+        assert_eq!(retry_delay(b, m, 3), Duration::from_millis(400));
+        assert_eq!(retry_delay(b, m, 30), m);
+    }
+}
