@@ -1,1 +1,79 @@
-fn main() {}
+//! `cropfleet-aggregator`: turn result events into throughput records.
+//! - `sweep`: run a grid of fleet configurations (worker processes × threads) on one workload,
+//!   starting real `cropfleet-worker` processes, and record each run;
+//! - `collect`: record runs from a results queue fed by a fleet running elsewhere;
+//! - `report`: redraw the table and pictures from `runs.json` files of earlier runs.
+
+mod collect;
+mod plot;
+mod sweep;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cropfleet::logging::{self, LogFormat};
+use cropfleet::stats::{self, RunRecord};
+
+/// Measure cropfleet throughput. Every flag can also be set by the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(name = "cropfleet-aggregator", version)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log format: auto, text, json.
+    #[arg(long, global = true, env = "CROPFLEET_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every configuration of a grid on the same workload and record each run.
+    Sweep(sweep::SweepArgs),
+    /// Consume result events from a queue and record the runs they belong to.
+    Collect(collect::CollectArgs),
+    /// Redraw the table and pictures from runs.json files (e.g. spool vs RabbitMQ side by side).
+    Report {
+        /// runs.json files written by sweep or collect.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Folder for runs.csv, runs.json, throughput.svg and throughput.png.
+        #[arg(long, env = "CROPFLEET_OUT", default_value = "results/report")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    cropfleet::util::keep_allocations_resident();
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        match args.cmd {
+            Cmd::Sweep(a) => sweep::run(a).await,
+            Cmd::Collect(a) => collect::run(a).await,
+            Cmd::Report { runs, out } => report(&runs, &out),
+        }
+    })
+}
+
+fn report(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut records = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut rs: Vec<RunRecord> = serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))?;
+        records.append(&mut rs);
+    }
+    write_outputs(&records, out, "cropfleet throughput")
+}
+
+/// Write runs.csv, runs.json and the pictures into `out`, and print the table.
+pub fn write_outputs(records: &[RunRecord], out: &Path, title: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("runs.csv"), stats::to_csv(records)).context("writing runs.csv")?;
+    std::fs::write(out.join("runs.json"), serde_json::to_string_pretty(records)?).context("writing runs.json")?;
+    plot::write(records, out, "throughput", title)?;
+    println!("\n{}", stats::to_table(records));
+    println!("wrote {0}/runs.csv, {0}/runs.json, {0}/throughput.svg, {0}/throughput.png", out.display());
+    Ok(())
+}

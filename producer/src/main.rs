@@ -1,1 +1,171 @@
-fn main() {}
+//! `cropfleet-producer`: enqueue crop tasks (from flags repeated N times, or a JSONL manifest
+//! file or stdin), or create queue topology with `setup`. Reports what the queue confirmed.
+
+use std::io::{BufRead, IsTerminal};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use cropfleet::logging::{self, LogFormat};
+use cropfleet::produce::{self, Template};
+use cropfleet::queue::{self, Queue};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Enqueue crop tasks. Every flag can also be set by the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(name = "cropfleet-producer", version, args_conflicts_with_subcommands = true)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    enqueue: Enqueue,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create the queues (spool folders, RabbitMQ topology, Pub/Sub topics); idempotent.
+    Setup {
+        /// Task queue URI.
+        #[arg(long, env = "CROPFLEET_QUEUE", default_value = "spool:cropfleet-data/tasks")]
+        queue: String,
+        /// Results queue URI.
+        #[arg(long, env = "CROPFLEET_RESULTS", default_value = "spool:cropfleet-data/results")]
+        results: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Enqueue {
+    /// Task queue: spool:PATH.
+    #[arg(long, env = "CROPFLEET_QUEUE", default_value = "spool:cropfleet-data/tasks")]
+    queue: String,
+    /// Source image: path, file://, gs:// or http(s)://.
+    #[arg(long, env = "CROPFLEET_IMAGE", required_unless_present = "manifest")]
+    image: Option<String>,
+    /// Crop boxes: a CSV URI/path (header x,y,w,h), inline `x,y,w,h;x,y,w,h`, or a JSON array.
+    #[arg(long, env = "CROPFLEET_CROPS", required_unless_present = "manifest")]
+    crops: Option<String>,
+    /// Output prefix; crops land at {output}/{task_id}/{index:03}.jpg.
+    #[arg(long, env = "CROPFLEET_OUTPUT", required_unless_present = "manifest")]
+    output: Option<String>,
+    /// How many tasks to enqueue from the flags (ids {run_id}-000000, -000001, …).
+    #[arg(long, env = "CROPFLEET_REPEAT", default_value_t = 1)]
+    repeat: usize,
+    /// JPEG quality for these tasks [default: the worker's].
+    #[arg(long, env = "CROPFLEET_QUALITY", value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: Option<u8>,
+    /// JSONL manifest, one task object per line ("-" = stdin); v, id and run_id are filled in.
+    #[arg(long, env = "CROPFLEET_MANIFEST", conflicts_with_all = ["image", "crops", "output"])]
+    manifest: Option<String>,
+    /// Run id stamped on every task [default: run-{unix_ms}].
+    #[arg(long, env = "CROPFLEET_RUN_ID")]
+    run_id: Option<String>,
+    /// Messages published per confirmed batch.
+    #[arg(long, env = "CROPFLEET_BATCH", default_value_t = 256)]
+    batch: usize,
+    /// Log format: auto, text, json.
+    #[arg(long, env = "CROPFLEET_LOG_FORMAT", default_value = "auto")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    logging::init(args.enqueue.log_format);
+    match args.cmd {
+        Some(Cmd::Setup { queue, results }) => setup(&queue, &results).await,
+        None => enqueue(args.enqueue).await,
+    }
+}
+
+async fn setup(queue_uri: &str, results_uri: &str) -> anyhow::Result<()> {
+    for uri in [queue_uri, results_uri] {
+        let q = queue::open(uri).await.with_context(|| format!("opening {uri}"))?;
+        q.setup().await.with_context(|| format!("setting up {uri}"))?;
+        println!("ready: {uri} ({})", q.backend());
+    }
+    Ok(())
+}
+
+async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
+    let run_id = a.run_id.clone().unwrap_or_else(produce::new_run_id);
+    cropfleet::task::validate_id(&run_id).context("--run-id")?;
+    let tasks: Vec<Vec<u8>> = match &a.manifest {
+        Some(path) => read_manifest(path, &run_id)?,
+        None => {
+            let t = Template {
+                image: a.image.clone().expect("required by clap"),
+                crops: produce::crops_spec(a.crops.as_deref().expect("required by clap")).context("--crops")?,
+                output: a.output.clone().expect("required by clap"),
+                quality: a.quality,
+            };
+            (0..a.repeat)
+                .map(|i| {
+                    let task = produce::task_from_template(&t, &run_id, i);
+                    task.validate().map(|_| task.to_json())
+                })
+                .collect::<Result<_, _>>()
+                .context("invalid task")?
+        }
+    };
+    let q = queue::open(&a.queue).await.with_context(|| format!("opening {}", a.queue))?;
+    let total = tasks.len();
+    let (confirmed, err) = publish(&*q, &tasks, a.batch.max(1)).await;
+    println!("run {run_id}: {confirmed} of {total} tasks confirmed by {} ({})", a.queue, q.backend());
+    if let Some(e) = err {
+        bail!("publishing stopped after {confirmed} of {total} confirmed: {e}");
+    }
+    Ok(())
+}
+
+fn read_manifest(path: &str, run_id: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let reader: Box<dyn BufRead> = if path == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening manifest {path}"))?,
+        ))
+    };
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading manifest {path}"))?;
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        out.push(produce::task_from_manifest_line(&line, run_id, i + 1)?.to_json());
+    }
+    Ok(out)
+}
+
+/// Publish in confirmed batches, showing progress; returns the confirmed count and any error.
+async fn publish(q: &dyn Queue, tasks: &[Vec<u8>], batch: usize) -> (usize, Option<queue::QueueError>) {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = ProgressBar::new(tasks.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} confirmed {pos}/{len} [{bar:30}] {per_sec} eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut confirmed = 0;
+    let mut last_line = Instant::now();
+    for chunk in tasks.chunks(batch) {
+        let (n, err) = q.publish_many(chunk).await;
+        confirmed += n;
+        bar.set_position(confirmed as u64);
+        if !tty && last_line.elapsed() >= Duration::from_secs(2) {
+            eprintln!("confirmed {confirmed}/{}", tasks.len());
+            last_line = Instant::now();
+        }
+        if err.is_some() {
+            bar.abandon();
+            return (confirmed, err);
+        }
+    }
+    bar.finish_and_clear();
+    (confirmed, None)
+}

@@ -21,24 +21,14 @@ pub struct CropBox {
 
 impl std::fmt::Display for CropBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "(x={}, y={}, w={}, h={})",
-            self.x, self.y, self.w, self.h
-        )
+        write!(f, "(x={}, y={}, w={}, h={})", self.x, self.y, self.w, self.h)
     }
 }
 
 impl CropBox {
     /// Check that the box has a positive size and lies inside a `width`×`height` image.
     pub fn check(&self, index: usize, width: u32, height: u32) -> Result<(), TaskError> {
-        let bad = |reason: String| {
-            Err(TaskError::BadBox {
-                index,
-                boxed: self.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| Err(TaskError::BadBox { index, boxed: self.to_string(), reason });
         if self.w <= 0 || self.h <= 0 {
             return bad("has zero or negative size".into());
         }
@@ -47,26 +37,16 @@ impl CropBox {
         }
         let (right, bottom) = (self.x.saturating_add(self.w), self.y.saturating_add(self.h));
         if right > width as i64 || bottom > height as i64 {
-            return bad(format!(
-                "reaches ({right}, {bottom}), outside the {width}x{height} image"
-            ));
+            return bad(format!("reaches ({right}, {bottom}), outside the {width}x{height} image"));
         }
         Ok(())
     }
 }
 
 /// Check every box and the count; the error names the first bad box.
-pub fn validate(
-    boxes: &[CropBox],
-    width: u32,
-    height: u32,
-    max_crops: usize,
-) -> Result<(), TaskError> {
+pub fn validate(boxes: &[CropBox], width: u32, height: u32, max_crops: usize) -> Result<(), TaskError> {
     check_count(boxes.len(), max_crops)?;
-    boxes
-        .iter()
-        .enumerate()
-        .try_for_each(|(i, b)| b.check(i, width, height))
+    boxes.iter().enumerate().try_for_each(|(i, b)| b.check(i, width, height))
 }
 
 /// An empty list or more than `max_crops` boxes is an error.
@@ -75,10 +55,7 @@ pub fn check_count(count: usize, max_crops: usize) -> Result<(), TaskError> {
         return Err(TaskError::InvalidCrops("the crop list is empty".into()));
     }
     if count > max_crops {
-        return Err(TaskError::TooManyCrops {
-            count,
-            limit: max_crops,
-        });
+        return Err(TaskError::TooManyCrops { count, limit: max_crops });
     }
     Ok(())
 }
@@ -87,17 +64,10 @@ pub fn check_count(count: usize, max_crops: usize) -> Result<(), TaskError> {
 /// other columns ignored), then one integer row per box. Blank lines are skipped.
 pub fn parse_csv(text: &str) -> Result<Vec<CropBox>, TaskError> {
     let bad = |msg: String| TaskError::InvalidCrops(msg);
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines
-        .next()
-        .ok_or_else(|| bad("the CSV is empty (expected a header `x,y,w,h`)".into()))?;
-    let names: Vec<String> = header
-        .split(',')
-        .map(|c| c.trim().trim_start_matches('\u{feff}').to_ascii_lowercase())
-        .collect();
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or_else(|| bad("the CSV is empty (expected a header `x,y,w,h`)".into()))?;
+    let names: Vec<String> =
+        header.split(',').map(|c| c.trim().trim_start_matches('\u{feff}').to_ascii_lowercase()).collect();
     let col = |want: &str| {
         names.iter().position(|n| n == want).ok_or_else(|| {
             bad(format!("the header line {header:?} has no column `{want}` (expected a header such as `x,y,w,h`)"))
@@ -109,25 +79,13 @@ pub fn parse_csv(text: &str) -> Result<Vec<CropBox>, TaskError> {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let mut v = [0i64; 4];
         for (slot, (&c, name)) in v.iter_mut().zip(cols.iter().zip(["x", "y", "w", "h"])) {
-            let raw = fields.get(c).ok_or_else(|| {
-                bad(format!(
-                    "line {}: {line:?} has no column `{name}`",
-                    lineno + 1
-                ))
-            })?;
-            *slot = raw.parse().map_err(|_| {
-                bad(format!(
-                    "line {}: {raw:?} in column `{name}` is not an integer",
-                    lineno + 1
-                ))
-            })?;
+            let raw =
+                fields.get(c).ok_or_else(|| bad(format!("line {}: {line:?} has no column `{name}`", lineno + 1)))?;
+            *slot = raw
+                .parse()
+                .map_err(|_| bad(format!("line {}: {raw:?} in column `{name}` is not an integer", lineno + 1)))?;
         }
-        boxes.push(CropBox {
-            x: v[0],
-            y: v[1],
-            w: v[2],
-            h: v[3],
-        });
+        boxes.push(CropBox { x: v[0], y: v[1], w: v[2], h: v[3] });
     }
     Ok(boxes)
 }
@@ -145,11 +103,7 @@ pub fn to_csv(boxes: &[CropBox]) -> String {
 /// that form (then it is a URI).
 pub fn parse_inline(s: &str) -> Option<Result<Vec<CropBox>, TaskError>> {
     let s = s.trim();
-    if s.is_empty()
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | '-' | ' '))
-    {
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | '-' | ' ')) {
         return None;
     }
     Some(
@@ -157,21 +111,15 @@ pub fn parse_inline(s: &str) -> Option<Result<Vec<CropBox>, TaskError>> {
             .filter(|p| !p.trim().is_empty())
             .enumerate()
             .map(|(i, part)| {
-                let v: Vec<i64> = part
-                    .split(',')
-                    .map(|f| f.trim().parse())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| {
-                        TaskError::InvalidCrops(format!(
-                            "inline box #{i} {part:?} is not four integers x,y,w,h"
-                        ))
+                let v: Vec<i64> =
+                    part.split(',').map(|f| f.trim().parse()).collect::<Result<_, _>>().map_err(|_| {
+                        TaskError::InvalidCrops(format!("inline box #{i} {part:?} is not four integers x,y,w,h"))
                     })?;
                 match v[..] {
                     [x, y, w, h] => Ok(CropBox { x, y, w, h }),
-                    _ => Err(TaskError::InvalidCrops(format!(
-                        "inline box #{i} {part:?} has {} values, not 4",
-                        v.len()
-                    ))),
+                    _ => {
+                        Err(TaskError::InvalidCrops(format!("inline box #{i} {part:?} has {} values, not 4", v.len())))
+                    }
                 }
             })
             .collect(),
@@ -185,33 +133,9 @@ mod tests {
     #[test]
     fn csv_with_header_any_order_and_extra_columns() {
         let b = parse_csv("\u{feff}x,y,w,h\n1,2,3,4\n\n5, 6 ,7,8\n").unwrap();
-        assert_eq!(
-            b,
-            vec![
-                CropBox {
-                    x: 1,
-                    y: 2,
-                    w: 3,
-                    h: 4
-                },
-                CropBox {
-                    x: 5,
-                    y: 6,
-                    w: 7,
-                    h: 8
-                }
-            ]
-        );
+        assert_eq!(b, vec![CropBox { x: 1, y: 2, w: 3, h: 4 }, CropBox { x: 5, y: 6, w: 7, h: 8 }]);
         let b = parse_csv("label,h,w,y,x\ncat,4,3,2,1\n").unwrap();
-        assert_eq!(
-            b,
-            vec![CropBox {
-                x: 1,
-                y: 2,
-                w: 3,
-                h: 4
-            }]
-        );
+        assert_eq!(b, vec![CropBox { x: 1, y: 2, w: 3, h: 4 }]);
         assert_eq!(parse_csv(&to_csv(&b)).unwrap(), b);
     }
 
@@ -228,72 +152,21 @@ mod tests {
 
     #[test]
     fn boxes_are_checked_against_the_image() {
-        let ok = CropBox {
-            x: 0,
-            y: 0,
-            w: 100,
-            h: 50,
-        };
+        let ok = CropBox { x: 0, y: 0, w: 100, h: 50 };
         ok.check(0, 100, 50).unwrap();
         let cases = [
-            (
-                CropBox {
-                    x: 0,
-                    y: 0,
-                    w: 0,
-                    h: 5,
-                },
-                "zero or negative size",
-            ),
-            (
-                CropBox {
-                    x: 0,
-                    y: 0,
-                    w: 5,
-                    h: -1,
-                },
-                "zero or negative size",
-            ),
-            (
-                CropBox {
-                    x: -1,
-                    y: 0,
-                    w: 5,
-                    h: 5,
-                },
-                "negative coordinate",
-            ),
-            (
-                CropBox {
-                    x: 96,
-                    y: 0,
-                    w: 5,
-                    h: 5,
-                },
-                "outside the 100x50 image",
-            ),
-            (
-                CropBox {
-                    x: 0,
-                    y: i64::MAX,
-                    w: 5,
-                    h: i64::MAX,
-                },
-                "outside",
-            ),
+            (CropBox { x: 0, y: 0, w: 0, h: 5 }, "zero or negative size"),
+            (CropBox { x: 0, y: 0, w: 5, h: -1 }, "zero or negative size"),
+            (CropBox { x: -1, y: 0, w: 5, h: 5 }, "negative coordinate"),
+            (CropBox { x: 96, y: 0, w: 5, h: 5 }, "outside the 100x50 image"),
+            (CropBox { x: 0, y: i64::MAX, w: 5, h: i64::MAX }, "outside"),
         ];
         for (b, want) in cases {
             let e = b.check(3, 100, 50).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("crop #3"), "{e}");
         }
-        assert!(validate(&[], 10, 10, 5)
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
-        assert!(matches!(
-            validate(&[ok; 6], 100, 50, 5),
-            Err(TaskError::TooManyCrops { count: 6, limit: 5 })
-        ));
+        assert!(validate(&[], 10, 10, 5).unwrap_err().to_string().contains("empty"));
+        assert!(matches!(validate(&[ok; 6], 100, 50, 5), Err(TaskError::TooManyCrops { count: 6, limit: 5 })));
     }
 
     #[test]

@@ -58,9 +58,7 @@ pub fn sniff(bytes: &[u8]) -> Result<Format, TaskError> {
         Ok(Format::WebP)
     } else {
         let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Err(TaskError::Decode(format!(
-            "not a JPEG, PNG or WebP image (starts with {head})"
-        )))
+        Err(TaskError::Decode(format!("not a JPEG, PNG or WebP image (starts with {head})")))
     }
 }
 
@@ -72,11 +70,7 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, TaskError> {
         Format::Jpeg => {
             let header = with_decompressor(|d| d.read_header(bytes))
                 .map_err(|e| TaskError::Decode(format!("bad JPEG header: {e}")))?;
-            (
-                header.width as u32,
-                header.height as u32,
-                exif::jpeg_orientation(bytes).unwrap_or(1),
-            )
+            (header.width as u32, header.height as u32, exif::jpeg_orientation(bytes).unwrap_or(1))
         }
         Format::Png if png_header(bytes).is_some_and(|(w, h)| w as u64 * h as u64 > max_pixels) => {
             // Reject bombs from the IHDR alone, before any decoder reads further.
@@ -97,25 +91,13 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, TaskError> {
         }
     };
     if width == 0 || height == 0 {
-        return Err(TaskError::Decode(format!(
-            "image has zero size {width}x{height}"
-        )));
+        return Err(TaskError::Decode(format!("image has zero size {width}x{height}")));
     }
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
-        return Err(TaskError::TooManyPixels {
-            width: width as u64,
-            height: height as u64,
-            pixels,
-            limit: max_pixels,
-        });
+        return Err(TaskError::TooManyPixels { width: width as u64, height: height as u64, pixels, limit: max_pixels });
     }
-    Ok(ImageInfo {
-        format,
-        width,
-        height,
-        orientation,
-    })
+    Ok(ImageInfo { format, width, height, orientation })
 }
 
 /// Width and height from a PNG's IHDR chunk (always the first chunk).
@@ -127,10 +109,7 @@ fn png_header(bytes: &[u8]) -> Option<(u32, u32)> {
     Some((be(16), be(20)))
 }
 
-fn image_decoder(
-    bytes: &[u8],
-    format: Format,
-) -> Result<Box<dyn image::ImageDecoder + '_>, TaskError> {
+fn image_decoder(bytes: &[u8], format: Format) -> Result<Box<dyn image::ImageDecoder + '_>, TaskError> {
     let cursor = std::io::Cursor::new(bytes);
     let err = |e: image::ImageError| TaskError::Decode(e.to_string());
     Ok(match format {
@@ -173,12 +152,7 @@ impl PooledBuf {
     pub fn take(len: usize) -> PooledBuf {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         // Prefer the smallest buffer that fits, so big buffers stay for big images.
-        let pick = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= len)
-            .min_by_key(|(_, b)| b.len())
-            .map(|(i, _)| i);
+        let pick = pool.iter().enumerate().filter(|(_, b)| b.len() >= len).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
         let mut buf = match pick {
             Some(i) => pool.swap_remove(i),
             None => pool.pop().unwrap_or_default(),
@@ -220,9 +194,7 @@ thread_local! {
     static COMPRESSOR: RefCell<Option<(Compressor, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
-fn with_decompressor<T>(
-    f: impl FnOnce(&mut Decompressor) -> turbojpeg::Result<T>,
-) -> turbojpeg::Result<T> {
+fn with_decompressor<T>(f: impl FnOnce(&mut Decompressor) -> turbojpeg::Result<T>) -> turbojpeg::Result<T> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -266,13 +238,7 @@ impl Decoded {
         let (x, y, w, h) = (b.x as usize, b.y as usize, b.w as usize, b.h as usize);
         let start = y * stride + x * 3;
         let end = start + (h - 1) * stride + w * 3;
-        Image {
-            pixels: &self.pixels[start..end],
-            width: w,
-            pitch: stride,
-            height: h,
-            format: PixelFormat::RGB,
-        }
+        Image { pixels: &self.pixels[start..end], width: w, pitch: stride, height: h, format: PixelFormat::RGB }
     }
 }
 
@@ -286,10 +252,8 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TaskError> {
             let mut dec = image_decoder(bytes, info.format)?;
             let mut limits = image::Limits::default();
             limits.max_alloc = Some(max_pixels.saturating_mul(8));
-            dec.set_limits(limits)
-                .map_err(|e| TaskError::Decode(e.to_string()))?;
-            let img = image::DynamicImage::from_decoder(dec)
-                .map_err(|e| TaskError::Decode(e.to_string()))?;
+            dec.set_limits(limits).map_err(|e| TaskError::Decode(e.to_string()))?;
+            let img = image::DynamicImage::from_decoder(dec).map_err(|e| TaskError::Decode(e.to_string()))?;
             let rgb = img.into_rgb8();
             let mut buf = PooledBuf::take(rgb.len());
             buf.copy_from_slice(rgb.as_raw());
@@ -299,21 +263,15 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TaskError> {
     let (mut width, mut height) = (info.width, info.height);
     if info.orientation != 1 {
         let mut out = Vec::new();
-        (width, height) =
-            exif::apply_orientation(info.orientation, &pixels, width, height, 3, &mut out);
+        (width, height) = exif::apply_orientation(info.orientation, &pixels, width, height, 3, &mut out);
         pixels.copy_from_slice(&out);
     }
-    Ok(Decoded {
-        pixels,
-        width,
-        height,
-        info,
-    })
+    Ok(Decoded { pixels, width, height, info })
 }
 
 fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError> {
-    let header = with_decompressor(|d| d.read_header(bytes))
-        .map_err(|e| TaskError::Decode(format!("bad JPEG header: {e}")))?;
+    let header =
+        with_decompressor(|d| d.read_header(bytes)).map_err(|e| TaskError::Decode(format!("bad JPEG header: {e}")))?;
     let err = |e: turbojpeg::Error| TaskError::Decode(format!("corrupt or truncated JPEG: {e}"));
     let mut rgb = PooledBuf::take(w * h * 3);
     if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
@@ -322,31 +280,17 @@ fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError>
         with_decompressor(|d| {
             d.decompress(
                 bytes,
-                Image {
-                    pixels: &mut cmyk[..],
-                    width: w,
-                    pitch: w * 4,
-                    height: h,
-                    format: PixelFormat::CMYK,
-                },
+                Image { pixels: &mut cmyk[..], width: w, pitch: w * 4, height: h, format: PixelFormat::CMYK },
             )
         })
         .map_err(err)?;
         // Adobe writes inverted CMYK (the common case); an APP14 "Adobe" marker says so.
-        let inverted = bytes
-            .windows(9)
-            .take(64 * 1024)
-            .any(|win| win[..2] == [0xFF, 0xEE] && &win[4..] == b"Adobe");
+        let inverted = bytes.windows(9).take(64 * 1024).any(|win| win[..2] == [0xFF, 0xEE] && &win[4..] == b"Adobe");
         for (px, out) in cmyk.chunks_exact(4).zip(rgb.chunks_exact_mut(3)) {
             let (c, m, y, k) = if inverted {
                 (px[0] as u32, px[1] as u32, px[2] as u32, px[3] as u32)
             } else {
-                (
-                    255 - px[0] as u32,
-                    255 - px[1] as u32,
-                    255 - px[2] as u32,
-                    255 - px[3] as u32,
-                )
+                (255 - px[0] as u32, 255 - px[1] as u32, 255 - px[2] as u32, 255 - px[3] as u32)
             };
             out[0] = (c * k / 255) as u8;
             out[1] = (m * k / 255) as u8;
@@ -356,13 +300,7 @@ fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError>
         with_decompressor(|d| {
             d.decompress(
                 bytes,
-                Image {
-                    pixels: &mut rgb[..],
-                    width: w,
-                    pitch: w * 3,
-                    height: h,
-                    format: PixelFormat::RGB,
-                },
+                Image { pixels: &mut rgb[..], width: w, pitch: w * 3, height: h, format: PixelFormat::RGB },
             )
         })
         .map_err(err)?;
@@ -374,16 +312,8 @@ fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError>
 // Encode
 
 /// Encode one crop of `img` as a baseline JPEG (4:2:0) at `quality`.
-pub fn encode_crop(
-    img: &Decoded,
-    index: usize,
-    b: &CropBox,
-    quality: u8,
-) -> Result<Vec<u8>, TaskError> {
-    encode_rgb(img.view(b), quality).map_err(|e| TaskError::Encode {
-        index,
-        reason: e.to_string(),
-    })
+pub fn encode_crop(img: &Decoded, index: usize, b: &CropBox, quality: u8) -> Result<Vec<u8>, TaskError> {
+    encode_rgb(img.view(b), quality).map_err(|e| TaskError::Encode { index, reason: e.to_string() })
 }
 
 /// Encode packed (possibly strided) RGB pixels as JPEG 4:2:0, reusing this thread's compressor
@@ -409,12 +339,7 @@ pub fn encode_rgb(image: Image<&[u8]>, quality: u8) -> turbojpeg::Result<Vec<u8>
 
 /// Cut and encode every box on the current rayon pool, calling `sink(index, bytes)` as soon as
 /// each crop is ready (from whichever pool thread encoded it). Boxes must be checked first.
-pub fn encode_all<F>(
-    img: &Decoded,
-    boxes: &[CropBox],
-    quality: u8,
-    sink: F,
-) -> Result<(), TaskError>
+pub fn encode_all<F>(img: &Decoded, boxes: &[CropBox], quality: u8, sink: F) -> Result<(), TaskError>
 where
     F: Fn(usize, Vec<u8>) + Sync,
 {
@@ -433,13 +358,7 @@ mod tests {
 
     fn jpeg(w: usize, h: usize) -> (Vec<u8>, Vec<u8>) {
         let rgb = sample::photo(w as u32, h as u32, 7);
-        let img = Image {
-            pixels: &rgb[..],
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: PixelFormat::RGB,
-        };
+        let img = Image { pixels: &rgb[..], width: w, pitch: w * 3, height: h, format: PixelFormat::RGB };
         (encode_rgb(img, 95).unwrap(), rgb)
     }
 
@@ -449,32 +368,18 @@ mod tests {
         let d = decode(&j, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!((d.width, d.height), (320, 200));
         let e = decode(&j, 1000).unwrap_err();
-        assert!(
-            matches!(e, TaskError::TooManyPixels { pixels: 64000, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, TaskError::TooManyPixels { pixels: 64000, .. }), "{e}");
         assert!(decode(b"", 10).unwrap_err().to_string().contains("empty"));
-        assert!(decode(b"GIF89a....", 10)
-            .unwrap_err()
-            .to_string()
-            .contains("not a JPEG, PNG or WebP"));
+        assert!(decode(b"GIF89a....", 10).unwrap_err().to_string().contains("not a JPEG, PNG or WebP"));
         let truncated = &j[..j.len() / 2];
-        assert!(decode(truncated, DEFAULT_MAX_PIXELS)
-            .unwrap_err()
-            .to_string()
-            .contains("JPEG"));
+        assert!(decode(truncated, DEFAULT_MAX_PIXELS).unwrap_err().to_string().contains("JPEG"));
     }
 
     #[test]
     fn crops_are_views_with_the_right_size() {
         let (j, _) = jpeg(320, 200);
         let d = decode(&j, DEFAULT_MAX_PIXELS).unwrap();
-        let b = CropBox {
-            x: 250,
-            y: 150,
-            w: 70,
-            h: 50,
-        };
+        let b = CropBox { x: 250, y: 150, w: 70, h: 50 };
         let out = encode_crop(&d, 0, &b, 85).unwrap();
         let back = turbojpeg::decompress(&out, PixelFormat::RGB).unwrap();
         assert_eq!((back.width, back.height), (70, 50));
@@ -512,44 +417,20 @@ mod tests {
         let mut c = Compressor::new().unwrap();
         c.set_subsamp(Subsamp::Gray).unwrap();
         let gj = c
-            .compress_to_vec(Image {
-                pixels: &gray[..],
-                width: 40,
-                pitch: 40,
-                height: 30,
-                format: PixelFormat::GRAY,
-            })
+            .compress_to_vec(Image { pixels: &gray[..], width: 40, pitch: 40, height: 30, format: PixelFormat::GRAY })
             .unwrap();
         let d = decode(&gj, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!((d.width, d.height), (40, 30));
 
-        let cmyk: Vec<u8> = rgb
-            .chunks(3)
-            .flat_map(|p| [p[0], p[1], p[2], 255])
-            .collect();
+        let cmyk: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
         let mut c = Compressor::new().unwrap();
         c.set_quality(95).unwrap();
         let cj = c
-            .compress_to_vec(Image {
-                pixels: &cmyk[..],
-                width: 40,
-                pitch: 160,
-                height: 30,
-                format: PixelFormat::CMYK,
-            })
+            .compress_to_vec(Image { pixels: &cmyk[..], width: 40, pitch: 160, height: 30, format: PixelFormat::CMYK })
             .unwrap();
         let d = decode(&cj, DEFAULT_MAX_PIXELS).unwrap();
-        let diff: u64 = d
-            .rgb()
-            .iter()
-            .zip(&rgb)
-            .map(|(a, b)| (*a as i64 - *b as i64).unsigned_abs())
-            .sum();
-        assert!(
-            diff / (rgb.len() as u64) < 12,
-            "mean abs diff {}",
-            diff / rgb.len() as u64
-        );
+        let diff: u64 = d.rgb().iter().zip(&rgb).map(|(a, b)| (*a as i64 - *b as i64).unsigned_abs()).sum();
+        assert!(diff / (rgb.len() as u64) < 12, "mean abs diff {}", diff / rgb.len() as u64);
     }
 
     #[test]
@@ -564,17 +445,7 @@ mod tests {
         png.extend_from_slice(&ihdr);
         png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
         let e = decode(&png, DEFAULT_MAX_PIXELS).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                TaskError::TooManyPixels {
-                    width: 30000,
-                    height: 30000,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, TaskError::TooManyPixels { width: 30000, height: 30000, .. }), "{e}");
     }
 
     pub(crate) fn crc32(data: &[u8]) -> u32 {
@@ -582,11 +453,7 @@ mod tests {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
             }
         }
         !crc

@@ -27,20 +27,11 @@ pub enum TaskError {
     #[error("invalid crop list: {0}")]
     InvalidCrops(String),
     #[error("crop #{index} {boxed} {reason}")]
-    BadBox {
-        index: usize,
-        boxed: String,
-        reason: String,
-    },
+    BadBox { index: usize, boxed: String, reason: String },
     #[error("too many crops: {count} > limit {limit}")]
     TooManyCrops { count: usize, limit: usize },
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
-    TooManyPixels {
-        width: u64,
-        height: u64,
-        pixels: u64,
-        limit: u64,
-    },
+    TooManyPixels { width: u64, height: u64, pixels: u64, limit: u64 },
     #[error("source {uri} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge { uri: String, size: u64, limit: u64 },
     #[error("cannot decode image: {0}")]

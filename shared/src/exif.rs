@@ -37,13 +37,7 @@ fn tiff_orientation(t: &[u8]) -> Option<u8> {
         _ => return None,
     };
     let u16_at = |o: usize| {
-        t.get(o..o + 2).map(|b| {
-            if le {
-                u16::from_le_bytes([b[0], b[1]])
-            } else {
-                u16::from_be_bytes([b[0], b[1]])
-            }
-        })
+        t.get(o..o + 2).map(|b| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) })
     };
     let u32_at = |o: usize| {
         t.get(o..o + 4).map(|b| {
@@ -167,11 +161,7 @@ mod tests {
             (8, (2, 3), [2, 5, 1, 4, 0, 3]),
         ];
         for (o, dims, want) in cases {
-            assert_eq!(
-                apply_orientation(o, &src, 3, 2, 1, &mut out),
-                dims,
-                "orientation {o}"
-            );
+            assert_eq!(apply_orientation(o, &src, 3, 2, 1, &mut out), dims, "orientation {o}");
             assert_eq!(out, want, "orientation {o}");
         }
     }

@@ -14,6 +14,8 @@ pub mod crops;
 pub mod engine;
 pub mod error;
 pub mod exif;
+pub mod logging;
+pub mod produce;
 pub mod queue;
 pub mod sample;
 pub mod stats;

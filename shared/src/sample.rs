@@ -29,13 +29,7 @@ impl Lattice {
     fn new(width: u32, height: u32, cell: f32, rng: &mut SplitMix64) -> Lattice {
         let cols = (width as f32 / cell) as usize + 2;
         let rows = (height as f32 / cell) as usize + 2;
-        Lattice {
-            cell,
-            cols,
-            vals: (0..cols * rows)
-                .map(|_| rng.next_f32() * 2.0 - 1.0)
-                .collect(),
-        }
+        Lattice { cell, cols, vals: (0..cols * rows).map(|_| rng.next_f32() * 2.0 - 1.0).collect() }
     }
     #[inline]
     fn at(&self, x: f32, y: f32) -> f32 {
@@ -44,12 +38,7 @@ impl Lattice {
         let (tx, ty) = (fx - ix as f32, fy - iy as f32);
         let (sx, sy) = (tx * tx * (3.0 - 2.0 * tx), ty * ty * (3.0 - 2.0 * ty));
         let i = iy * self.cols + ix;
-        let (a, b, c, d) = (
-            self.vals[i],
-            self.vals[i + 1],
-            self.vals[i + self.cols],
-            self.vals[i + self.cols + 1],
-        );
+        let (a, b, c, d) = (self.vals[i], self.vals[i + 1], self.vals[i + self.cols], self.vals[i + self.cols + 1]);
         let top = a + (b - a) * sx;
         let bot = c + (d - c) * sx;
         top + (bot - top) * sy
@@ -63,16 +52,9 @@ pub fn photo(width: u32, height: u32, seed: u64) -> Vec<u8> {
     // Luma: octaves from landscape-sized to a few pixels, amplitude falling as 1/f.
     let octaves: Vec<(Lattice, f32)> = [640.0f32, 320.0, 160.0, 80.0, 40.0, 20.0, 10.0, 5.0, 2.5]
         .iter()
-        .map(|&c| {
-            (
-                Lattice::new(width, height, (c * scale).max(1.5), &mut rng),
-                (c / 640.0).powf(0.55),
-            )
-        })
+        .map(|&c| (Lattice::new(width, height, (c * scale).max(1.5), &mut rng), (c / 640.0).powf(0.55)))
         .collect();
-    let chroma: Vec<Lattice> = (0..3)
-        .map(|_| Lattice::new(width, height, 500.0 * scale, &mut rng))
-        .collect();
+    let chroma: Vec<Lattice> = (0..3).map(|_| Lattice::new(width, height, 500.0 * scale, &mut rng)).collect();
     // Objects: ellipses with their own colour and texture, and hard edges.
     let objects: Vec<(f32, f32, f32, f32, [f32; 3])> = (0..36)
         .map(|_| {
@@ -85,11 +67,7 @@ pub fn photo(width: u32, height: u32, seed: u64) -> Vec<u8> {
                 cy,
                 rx,
                 ry,
-                [
-                    rng.next_f32() * 200.0 + 30.0,
-                    rng.next_f32() * 200.0 + 30.0,
-                    rng.next_f32() * 200.0 + 30.0,
-                ],
+                [rng.next_f32() * 200.0 + 30.0, rng.next_f32() * 200.0 + 30.0, rng.next_f32() * 200.0 + 30.0],
             )
         })
         .collect();
@@ -133,12 +111,7 @@ pub fn boxes(width: u32, height: u32, count: usize, seed: u64) -> Vec<CropBox> {
         .map(|_| {
             let w = rng.range(200, 600.min(width as i64));
             let h = rng.range(200, 600.min(height as i64));
-            CropBox {
-                x: rng.range(0, width as i64 - w),
-                y: rng.range(0, height as i64 - h),
-                w,
-                h,
-            }
+            CropBox { x: rng.range(0, width as i64 - w), y: rng.range(0, height as i64 - h), w, h }
         })
         .collect()
 }
@@ -173,12 +146,7 @@ pub fn write_workload(dir: &Path) -> std::io::Result<Workload> {
 }
 
 /// As [`write_workload`], at another size (tests use small images).
-pub fn write_workload_sized(
-    dir: &Path,
-    width: u32,
-    height: u32,
-    count: usize,
-) -> std::io::Result<Workload> {
+pub fn write_workload_sized(dir: &Path, width: u32, height: u32, count: usize) -> std::io::Result<Workload> {
     std::fs::create_dir_all(dir)?;
     let image = dir.join(format!("sample-{width}x{height}.jpg"));
     let crops_path = dir.join(format!("crops-{width}x{height}-{count}.csv"));
@@ -192,10 +160,7 @@ pub fn write_workload_sized(
         let b = boxes(width, height, count, 50);
         std::fs::write(&crops_path, crops::to_csv(&b))?;
     }
-    Ok(Workload {
-        image,
-        crops: crops_path,
-    })
+    Ok(Workload { image, crops: crops_path })
 }
 
 #[cfg(test)]
@@ -209,9 +174,7 @@ mod tests {
         let b = boxes(1000, 800, 50, 1);
         assert_eq!(b, boxes(1000, 800, 50, 1));
         crops::validate(&b, 1000, 800, 50).unwrap();
-        assert!(b
-            .iter()
-            .all(|b| (200..=600).contains(&b.w) && (200..=600).contains(&b.h)));
+        assert!(b.iter().all(|b| (200..=600).contains(&b.w) && (200..=600).contains(&b.h)));
     }
 
     #[test]

@@ -22,13 +22,8 @@ impl Percentiles {
             return Percentiles::default();
         }
         values.sort_by(|a, b| a.total_cmp(b));
-        let at =
-            |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
-        Percentiles {
-            p50: at(0.50),
-            p95: at(0.95),
-            p99: at(0.99),
-        }
+        let at = |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+        Percentiles { p50: at(0.50), p95: at(0.95), p99: at(0.99) }
     }
 }
 
@@ -118,18 +113,8 @@ impl RunCollector {
     }
 
     fn span(&self) -> (u64, u64) {
-        let first = self
-            .events
-            .values()
-            .map(|e| e.started_ms)
-            .min()
-            .unwrap_or(0);
-        let last = self
-            .events
-            .values()
-            .map(|e| e.finished_ms)
-            .max()
-            .unwrap_or(0);
+        let first = self.events.values().map(|e| e.started_ms).min().unwrap_or(0);
+        let last = self.events.values().map(|e| e.finished_ms).max().unwrap_or(0);
         (first, last)
     }
 
@@ -141,15 +126,9 @@ impl RunCollector {
         let wall_s = (last.saturating_sub(first)) as f64 / 1000.0;
         let tasks = evs.len() as u64;
         let crops: u64 = evs.iter().map(|e| e.crops as u64).sum();
-        let stage = |f: fn(&ResultEvent) -> f64| {
-            Percentiles::of(&mut evs.iter().map(|e| f(e)).collect::<Vec<_>>())
-        };
+        let stage = |f: fn(&ResultEvent) -> f64| Percentiles::of(&mut evs.iter().map(|e| f(e)).collect::<Vec<_>>());
         let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
-        let threads = if base.threads > 0 {
-            base.threads
-        } else {
-            evs.first().map(|e| e.threads).unwrap_or(0)
-        };
+        let threads = if base.threads > 0 { base.threads } else { evs.first().map(|e| e.threads).unwrap_or(0) };
         let tasks_per_s = per_s(tasks);
         let cores = base.cores.max(1);
         let usable = (base.processes.max(1) * threads.max(1)).min(cores);
@@ -175,11 +154,7 @@ impl RunCollector {
                 upload: stage(|e| e.stages_ms.upload),
                 total: stage(|e| e.stages_ms.total),
             },
-            cpu_s_per_task: if tasks > 0 {
-                cpu_seconds / tasks as f64
-            } else {
-                0.0
-            },
+            cpu_s_per_task: if tasks > 0 { cpu_seconds / tasks as f64 } else { 0.0 },
             tasks_per_s_per_core: tasks_per_s / usable as f64,
             cores,
             ..base
@@ -223,12 +198,7 @@ pub fn cheapest_near_best(records: &[RunRecord]) -> Option<usize> {
         .enumerate()
         .filter(|(_, r)| r.tasks_per_s >= 0.9 * best && best > 0.0)
         .max_by(|a, b| {
-            let cost = |r: &RunRecord| {
-                (
-                    r.processes * r.threads,
-                    -(r.tasks_per_s_per_core * 1000.0) as i64,
-                )
-            };
+            let cost = |r: &RunRecord| (r.processes * r.threads, -(r.tasks_per_s_per_core * 1000.0) as i64);
             // fewer processes×threads first, then better per-core throughput
             cost(b.1).cmp(&cost(a.1))
         })
@@ -293,10 +263,7 @@ mod tests {
             height: 10,
             started_ms: start,
             finished_ms: end,
-            stages_ms: StageTimes {
-                total: (end - start) as f64,
-                ..Default::default()
-            },
+            stages_ms: StageTimes { total: (end - start) as f64, ..Default::default() },
             threads: 2,
             upload_concurrency: 8,
         }
@@ -305,22 +272,8 @@ mod tests {
     #[test]
     fn percentiles_nearest_rank() {
         let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(
-            Percentiles::of(&mut v),
-            Percentiles {
-                p50: 50.0,
-                p95: 95.0,
-                p99: 99.0
-            }
-        );
-        assert_eq!(
-            Percentiles::of(&mut [7.0]),
-            Percentiles {
-                p50: 7.0,
-                p95: 7.0,
-                p99: 7.0
-            }
-        );
+        assert_eq!(Percentiles::of(&mut v), Percentiles { p50: 50.0, p95: 95.0, p99: 99.0 });
+        assert_eq!(Percentiles::of(&mut [7.0]), Percentiles { p50: 7.0, p95: 7.0, p99: 7.0 });
     }
 
     #[test]
@@ -329,38 +282,21 @@ mod tests {
         assert!(c.add(ev("a", 1000, 1500)));
         assert!(c.add(ev("b", 1200, 3000)));
         assert!(!c.add(ev("a", 2000, 2500)));
-        let r = c.record(
-            RunRecord {
-                processes: 2,
-                cores: 2,
-                ..Default::default()
-            },
-            1.0,
-        );
+        let r = c.record(RunRecord { processes: 2, cores: 2, ..Default::default() }, 1.0);
         assert_eq!((r.tasks, r.crops, r.duplicates, r.threads), (2, 100, 1, 2));
         assert!(
-            (r.wall_s - 2.0).abs() < 1e-9
-                && (r.tasks_per_s - 1.0).abs() < 1e-9
-                && (r.crops_per_s - 50.0).abs() < 1e-9
+            (r.wall_s - 2.0).abs() < 1e-9 && (r.tasks_per_s - 1.0).abs() < 1e-9 && (r.crops_per_s - 50.0).abs() < 1e-9
         );
         assert!((r.cpu_s_per_task - 0.5).abs() < 1e-9);
         assert!((r.tasks_per_s_per_core - 0.5).abs() < 1e-9);
         let csv = to_csv(&[r.clone()]);
         assert!(csv.starts_with("processes,threads,tasks,crops,wall_s,tasks_per_s,crops_per_s,"));
-        assert_eq!(
-            csv.lines().nth(1).unwrap().split(',').count(),
-            CSV_HEADER.split(',').count()
-        );
+        assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), CSV_HEADER.split(',').count());
     }
 
     #[test]
     fn marks_cheapest_within_ninety_percent() {
-        let rec = |p, t, tps: f64| RunRecord {
-            processes: p,
-            threads: t,
-            tasks_per_s: tps,
-            ..Default::default()
-        };
+        let rec = |p, t, tps: f64| RunRecord { processes: p, threads: t, tasks_per_s: tps, ..Default::default() };
         let rs = vec![rec(1, 1, 10.0), rec(1, 2, 19.0), rec(2, 2, 20.0)];
         assert_eq!(cheapest_near_best(&rs), Some(1));
         assert!(to_table(&rs).lines().nth(2).unwrap().starts_with('*'));

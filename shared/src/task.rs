@@ -66,34 +66,18 @@ pub struct Task {
 impl Task {
     /// Parse and validate a task message. Every failure is permanent (bad input).
     pub fn parse(bytes: &[u8]) -> Result<Task, TaskError> {
-        let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| TaskError::MalformedTask(format!("not JSON: {e}")))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| TaskError::MalformedTask("not a JSON object".into()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| TaskError::MalformedTask(format!("not JSON: {e}")))?;
+        let obj = value.as_object().ok_or_else(|| TaskError::MalformedTask("not a JSON object".into()))?;
         match obj.get("v") {
-            None => {
-                return Err(TaskError::MalformedTask(
-                    "missing field `v` (schema version)".into(),
-                ))
-            }
+            None => return Err(TaskError::MalformedTask("missing field `v` (schema version)".into())),
             Some(v) => match v.as_u64() {
                 Some(TASK_VERSION) => {}
-                Some(found) => {
-                    return Err(TaskError::UnsupportedVersion {
-                        found,
-                        supported: TASK_VERSION,
-                    })
-                }
-                None => {
-                    return Err(TaskError::MalformedTask(format!(
-                        "field `v` must be an integer, got {v}"
-                    )))
-                }
+                Some(found) => return Err(TaskError::UnsupportedVersion { found, supported: TASK_VERSION }),
+                None => return Err(TaskError::MalformedTask(format!("field `v` must be an integer, got {v}"))),
             },
         }
-        let task: Task =
-            serde_json::from_value(value).map_err(|e| TaskError::MalformedTask(e.to_string()))?;
+        let task: Task = serde_json::from_value(value).map_err(|e| TaskError::MalformedTask(e.to_string()))?;
         task.validate()?;
         Ok(task)
     }
@@ -103,34 +87,22 @@ impl Task {
         validate_id(&self.id)?;
         if let Some(run) = &self.run_id {
             validate_id(run).map_err(|e| match e {
-                TaskError::InvalidField { reason, .. } => TaskError::InvalidField {
-                    field: "run_id",
-                    reason,
-                },
+                TaskError::InvalidField { reason, .. } => TaskError::InvalidField { field: "run_id", reason },
                 other => other,
             })?;
         }
         if self.image.trim().is_empty() {
-            return Err(TaskError::InvalidField {
-                field: "image",
-                reason: "is empty".into(),
-            });
+            return Err(TaskError::InvalidField { field: "image", reason: "is empty".into() });
         }
         validate_output(&self.output)?;
         if let Some(q) = self.quality {
             if !(1..=100).contains(&q) {
-                return Err(TaskError::InvalidField {
-                    field: "quality",
-                    reason: format!("{q} is not in 1..=100"),
-                });
+                return Err(TaskError::InvalidField { field: "quality", reason: format!("{q} is not in 1..=100") });
             }
         }
         if let CropsSpec::Uri(u) = &self.crops {
             if u.trim().is_empty() {
-                return Err(TaskError::InvalidField {
-                    field: "crops",
-                    reason: "is an empty URI".into(),
-                });
+                return Err(TaskError::InvalidField { field: "crops", reason: "is an empty URI".into() });
             }
         }
         Ok(())
@@ -144,53 +116,32 @@ impl Task {
 
 /// Task ids name folders, so they must be one safe path segment.
 pub fn validate_id(id: &str) -> Result<(), TaskError> {
-    let bad = |reason: String| {
-        Err(TaskError::InvalidField {
-            field: "id",
-            reason,
-        })
-    };
+    let bad = |reason: String| Err(TaskError::InvalidField { field: "id", reason });
     if id.is_empty() {
         return bad("is empty".into());
     }
     if id.len() > MAX_ID_LEN {
-        return bad(format!(
-            "is {} characters long, over {MAX_ID_LEN}",
-            id.len()
-        ));
+        return bad(format!("is {} characters long, over {MAX_ID_LEN}", id.len()));
     }
     if id.starts_with('.') {
         return bad(format!("{id:?} starts with '.'"));
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return bad(format!(
-            "{id:?} contains {c:?}; only A-Z a-z 0-9 . _ - are allowed"
-        ));
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return bad(format!("{id:?} contains {c:?}; only A-Z a-z 0-9 . _ - are allowed"));
     }
     Ok(())
 }
 
 /// Output prefixes may not climb out of themselves with `..` segments or carry NUL bytes.
 pub fn validate_output(output: &str) -> Result<(), TaskError> {
-    let bad = |reason: String| {
-        Err(TaskError::InvalidField {
-            field: "output",
-            reason,
-        })
-    };
+    let bad = |reason: String| Err(TaskError::InvalidField { field: "output", reason });
     if output.trim().is_empty() {
         return bad("is empty".into());
     }
     if output.contains('\0') {
         return bad("contains a NUL byte".into());
     }
-    let path = output
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or(output);
+    let path = output.split_once("://").map(|(_, rest)| rest).unwrap_or(output);
     if path.split(['/', '\\']).any(|seg| seg == "..") {
         return bad(format!("{output:?} contains a '..' segment"));
     }
@@ -249,13 +200,9 @@ pub struct ResultEvent {
 impl ResultEvent {
     /// Parse a result event, rejecting unknown versions.
     pub fn parse(bytes: &[u8]) -> Result<ResultEvent, TaskError> {
-        let ev: ResultEvent =
-            serde_json::from_slice(bytes).map_err(|e| TaskError::MalformedTask(e.to_string()))?;
+        let ev: ResultEvent = serde_json::from_slice(bytes).map_err(|e| TaskError::MalformedTask(e.to_string()))?;
         if ev.v != RESULT_VERSION {
-            return Err(TaskError::UnsupportedVersion {
-                found: ev.v,
-                supported: RESULT_VERSION,
-            });
+            return Err(TaskError::UnsupportedVersion { found: ev.v, supported: RESULT_VERSION });
         }
         Ok(ev)
     }
@@ -277,15 +224,7 @@ mod tests {
     #[test]
     fn parses_inline_and_uri_crops() {
         let t = Task::parse(good().to_string().as_bytes()).unwrap();
-        assert_eq!(
-            t.crops,
-            CropsSpec::Inline(vec![CropBox {
-                x: 0,
-                y: 0,
-                w: 10,
-                h: 10
-            }])
-        );
+        assert_eq!(t.crops, CropsSpec::Inline(vec![CropBox { x: 0, y: 0, w: 10, h: 10 }]));
         let mut v = good();
         v["crops"] = "gs://b/crops.csv".into();
         let t = Task::parse(v.to_string().as_bytes()).unwrap();
@@ -299,10 +238,7 @@ mod tests {
             (b"{not json".to_vec(), "not JSON"),
             (b"[1,2]".to_vec(), "not a JSON object"),
             (br#"{"id":"x"}"#.to_vec(), "missing field `v`"),
-            (
-                br#"{"v":2,"id":"x"}"#.to_vec(),
-                "unsupported task schema version 2",
-            ),
+            (br#"{"v":2,"id":"x"}"#.to_vec(), "unsupported task schema version 2"),
             (br#"{"v":"1"}"#.to_vec(), "must be an integer"),
         ];
         for (msg, want) in cases {
@@ -311,19 +247,13 @@ mod tests {
         }
         let mut v = good();
         v["extra"] = 1.into();
-        assert!(Task::parse(v.to_string().as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("unknown field `extra`"));
+        assert!(Task::parse(v.to_string().as_bytes()).unwrap_err().to_string().contains("unknown field `extra`"));
         let mut v = good();
         v["id"] = 7.into();
         assert!(Task::parse(v.to_string().as_bytes()).is_err());
         let mut v = good();
         v.as_object_mut().unwrap().remove("output");
-        assert!(Task::parse(v.to_string().as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("missing field `output`"));
+        assert!(Task::parse(v.to_string().as_bytes()).unwrap_err().to_string().contains("missing field `output`"));
     }
 
     #[test]
@@ -332,23 +262,13 @@ mod tests {
             assert!(validate_id(id).is_err(), "{id:?}");
         }
         validate_id("run-2026.11_25-000001").unwrap();
-        for out in [
-            "../up",
-            "/data/../etc",
-            "gs://b/../x",
-            "a\\..\\b",
-            "",
-            "x\0y",
-        ] {
+        for out in ["../up", "/data/../etc", "gs://b/../x", "a\\..\\b", "", "x\0y"] {
             assert!(validate_output(out).is_err(), "{out:?}");
         }
         validate_output("/data/out").unwrap();
         validate_output("gs://bucket/crops/run1").unwrap();
         let mut v = good();
         v["quality"] = 0.into();
-        assert!(Task::parse(v.to_string().as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("quality"));
+        assert!(Task::parse(v.to_string().as_bytes()).unwrap_err().to_string().contains("quality"));
     }
 }

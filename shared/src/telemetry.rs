@@ -20,17 +20,13 @@ pub const UPLOADS_IN_FLIGHT: &str = "cropfleet_uploads_in_flight";
 pub const RECONNECTS: &str = "cropfleet_reconnects_total";
 
 /// Histogram buckets (seconds) for stage latencies: 1 ms to 60 s.
-pub const STAGE_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
+pub const STAGE_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Register descriptions with the installed recorder (call after installing it).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        TASKS,
-        "Tasks settled, by outcome (ok, dead_lettered, retried)"
-    );
+    describe_counter!(TASKS, "Tasks settled, by outcome (ok, dead_lettered, retried)");
     describe_counter!(CROPS, "Crops stored");
     describe_counter!(BYTES, Unit::Bytes, "Encoded crop bytes stored");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Task stage latency by stage");

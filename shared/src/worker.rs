@@ -54,9 +54,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             prefetch: 8,
             upload_concurrency: 32,
             quality: engine::DEFAULT_QUALITY,
@@ -134,18 +132,8 @@ impl Worker {
             .build()
             .map_err(std::io::Error::other)?;
         let uploads = Arc::new(Semaphore::new(cfg.upload_concurrency.max(1)));
-        let ctx = Ctx {
-            cfg,
-            results,
-            storage,
-            pool,
-            uploads,
-            state: Arc::default(),
-        };
-        Ok(Worker {
-            ctx: Arc::new(ctx),
-            queue,
-        })
+        let ctx = Ctx { cfg, results, storage, pool, uploads, state: Arc::default() };
+        Ok(Worker { ctx: Arc::new(ctx), queue })
     }
 
     /// Shared live state (readiness, draining, counters).
@@ -155,17 +143,10 @@ impl Worker {
 
     /// Consume until `shutdown` resolves (or the idle timeout), then drain in-flight work for up to
     /// `shutdown_timeout`. Errors only if the queue cannot be opened at all.
-    pub async fn run(
-        &self,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<WorkerSummary, QueueError> {
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<WorkerSummary, QueueError> {
         let cfg = &self.ctx.cfg;
         let state = &self.ctx.state;
-        let opts = ConsumerOptions {
-            prefetch: cfg.prefetch.max(1),
-            max_attempts: cfg.max_attempts,
-            lease: cfg.lease,
-        };
+        let opts = ConsumerOptions { prefetch: cfg.prefetch.max(1), max_attempts: cfg.max_attempts, lease: cfg.lease };
         let mut consumer = self.queue.consumer(opts).await?;
         state.ready.store(true, Ordering::SeqCst);
         info!(worker = %cfg.worker_id, threads = cfg.threads, prefetch = cfg.prefetch, uploads = cfg.upload_concurrency, backend = self.queue.backend(), "worker started");
@@ -221,22 +202,13 @@ impl Worker {
         consumer.stop().await;
         let pending = tasks.len();
         if pending > 0 {
-            info!(
-                pending,
-                timeout_s = cfg.shutdown_timeout.as_secs_f64(),
-                "draining in-flight tasks"
-            );
+            info!(pending, timeout_s = cfg.shutdown_timeout.as_secs_f64(), "draining in-flight tasks");
         }
-        let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(cfg.shutdown_timeout, async { while tasks.join_next().await.is_some() {} }).await;
         let abandoned = if drained.is_err() {
             let n = tasks.len() as u64;
-            warn!(
-                abandoned = n,
-                "shutdown timeout: leaving unfinished tasks unacked for redelivery"
-            );
+            warn!(abandoned = n, "shutdown timeout: leaving unfinished tasks unacked for redelivery");
             tasks.abort_all();
             n
         } else {
@@ -262,17 +234,11 @@ impl Worker {
 
 /// Exponential backoff for attempt `n` (1-based), capped.
 pub fn retry_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-        .min(max)
+    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(max)
 }
 
 async fn process(ctx: &Ctx, d: Delivery) {
-    let Delivery {
-        id,
-        payload,
-        attempt,
-        acker,
-    } = d;
+    let Delivery { id, payload, attempt, acker } = d;
     let task_id = peek_id(&payload);
     let span = info_span!("task", task_id = %task_id, msg = %id, attempt);
     async move {
@@ -297,16 +263,7 @@ async fn process(ctx: &Ctx, d: Delivery) {
                     .await
                 }
             },
-            Err(e) => {
-                settle_failure(
-                    ctx,
-                    acker,
-                    attempt,
-                    e.failure(),
-                    &format!("{}: {e}", e.kind()),
-                )
-                .await
-            }
+            Err(e) => settle_failure(ctx, acker, attempt, e.failure(), &format!("{}: {e}", e.kind())).await,
         };
         if let Err(e) = settled {
             warn!(error = %e, "could not settle the message; it will be redelivered");
@@ -327,11 +284,7 @@ async fn settle_failure(
     let cfg = &ctx.cfg;
     if failure == Failure::Transient && attempt < cfg.max_attempts {
         let delay = retry_delay(cfg.retry_base, cfg.retry_max, attempt);
-        warn!(
-            reason,
-            retry_in_ms = delay.as_millis() as u64,
-            "transient failure; will retry"
-        );
+        warn!(reason, retry_in_ms = delay.as_millis() as u64, "transient failure; will retry");
         counter!(tm::TASKS, "outcome" => "retried").increment(1);
         ctx.state.retried.fetch_add(1, Ordering::Relaxed);
         acker.retry(delay, reason).await
@@ -354,27 +307,21 @@ fn peek_id(payload: &[u8]) -> String {
     struct Peek {
         id: String,
     }
-    serde_json::from_slice::<Peek>(payload)
-        .map(|p| p.id.chars().take(128).collect())
-        .unwrap_or_else(|_| "?".into())
+    serde_json::from_slice::<Peek>(payload).map(|p| p.id.chars().take(128).collect()).unwrap_or_else(|_| "?".into())
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn load_boxes(
-    storage: &Storage,
-    spec: &CropsSpec,
-    max_bytes: u64,
-) -> Result<Vec<CropBox>, TaskError> {
+async fn load_boxes(storage: &Storage, spec: &CropsSpec, max_bytes: u64) -> Result<Vec<CropBox>, TaskError> {
     match spec {
         CropsSpec::Inline(b) => Ok(b.clone()),
         CropsSpec::Uri(u) => {
             let loc = Location::parse(u)?;
             let bytes = storage.get(&loc, max_bytes.min(16 * 1024 * 1024)).await?;
-            let text = String::from_utf8(bytes)
-                .map_err(|_| TaskError::InvalidCrops(format!("{u} is not UTF-8 text")))?;
+            let text =
+                String::from_utf8(bytes).map_err(|_| TaskError::InvalidCrops(format!("{u} is not UTF-8 text")))?;
             crops::parse_csv(&text)
         }
     }
@@ -393,10 +340,7 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let t0 = Instant::now();
     let started_ms = now_ms();
     let task = Task::parse(payload)?;
-    let queue_wait = task
-        .enqueued_ms
-        .map(|e| started_ms.saturating_sub(e) as f64)
-        .unwrap_or(0.0);
+    let queue_wait = task.enqueued_ms.map(|e| started_ms.saturating_sub(e) as f64).unwrap_or(0.0);
     let image_loc = Location::parse(&task.image)?;
     let out = Location::parse(&task.output)?;
     if matches!(out, Location::Http(_)) {
@@ -407,12 +351,7 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     }
     let out = out.join(&task.id);
     let (img, boxes) = tokio::try_join!(
-        async {
-            ctx.storage
-                .get(&image_loc, cfg.max_source_bytes)
-                .await
-                .map_err(TaskError::from)
-        },
+        async { ctx.storage.get(&image_loc, cfg.max_source_bytes).await.map_err(TaskError::from) },
         load_boxes(&ctx.storage, &task.crops, cfg.max_source_bytes),
     )?;
     let download = t0.elapsed();
@@ -427,27 +366,20 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let cpu_boxes = boxes.clone();
     ctx.pool.spawn(move || {
         gauge!(tm::CPU_BUSY).increment(1.0);
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-            || -> Result<CpuDone, TaskError> {
-                let t = Instant::now();
-                let info = engine::probe(&img, max_pixels)?;
-                let (w, h) = info.display_size();
-                crops::validate(&cpu_boxes, w, h, max_crops)?;
-                let decoded = engine::decode(&img, max_pixels)?;
-                drop(img);
-                let decode = t.elapsed();
-                let t = Instant::now();
-                engine::encode_all(&decoded, &cpu_boxes, quality, |i, bytes| {
-                    let _ = tx.send((i, bytes));
-                })?;
-                Ok(CpuDone {
-                    decode,
-                    encode: t.elapsed(),
-                    width: decoded.width,
-                    height: decoded.height,
-                })
-            },
-        ));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<CpuDone, TaskError> {
+            let t = Instant::now();
+            let info = engine::probe(&img, max_pixels)?;
+            let (w, h) = info.display_size();
+            crops::validate(&cpu_boxes, w, h, max_crops)?;
+            let decoded = engine::decode(&img, max_pixels)?;
+            drop(img);
+            let decode = t.elapsed();
+            let t = Instant::now();
+            engine::encode_all(&decoded, &cpu_boxes, quality, |i, bytes| {
+                let _ = tx.send((i, bytes));
+            })?;
+            Ok(CpuDone { decode, encode: t.elapsed(), width: decoded.width, height: decoded.height })
+        }));
         gauge!(tm::CPU_BUSY).decrement(1.0);
         let res = run.unwrap_or_else(|p| {
             let msg = p
@@ -465,12 +397,7 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let mut first_ready: Option<Instant> = None;
     while let Some((i, bytes)) = rx.recv().await {
         first_ready.get_or_insert_with(Instant::now);
-        let permit = ctx
-            .uploads
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = ctx.uploads.clone().acquire_owned().await.expect("semaphore never closed");
         let loc = out.join(&format!("{i:03}.jpg"));
         let storage = ctx.storage.clone();
         uploads.spawn(async move {

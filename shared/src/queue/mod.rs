@@ -20,16 +20,10 @@ use thiserror::Error;
 pub enum QueueError {
     #[error("invalid queue URI {uri:?}: {reason}")]
     InvalidUri { uri: String, reason: String },
-    #[error(
-        "{what} does not exist; create it with `cropfleet-producer setup --queue …`: {detail}"
-    )]
+    #[error("{what} does not exist; create it with `cropfleet-producer setup --queue …`: {detail}")]
     Missing { what: String, detail: String },
     #[error("spool {op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("broker: {0}")]
     Broker(String),
     #[error("topology conflict: {0}")]
@@ -45,16 +39,11 @@ pub enum QueueUri {
 
 impl QueueUri {
     pub fn parse(uri: &str) -> Result<QueueUri, QueueError> {
-        let bad = |reason: &str| QueueError::InvalidUri {
-            uri: uri.into(),
-            reason: reason.into(),
-        };
+        let bad = |reason: &str| QueueError::InvalidUri { uri: uri.into(), reason: reason.into() };
         if let Some(rest) = uri.strip_prefix("spool:") {
             let rest = rest.strip_prefix("//").unwrap_or(rest);
             if rest.is_empty() {
-                return Err(bad(
-                    "spool: needs a directory path, e.g. spool:/tmp/cropfleet/tasks",
-                ));
+                return Err(bad("spool: needs a directory path, e.g. spool:/tmp/cropfleet/tasks"));
             }
             return Ok(QueueUri::Spool(PathBuf::from(rest)));
         }
@@ -75,11 +64,7 @@ pub struct ConsumerOptions {
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
-        ConsumerOptions {
-            prefetch: 4,
-            max_attempts: 5,
-            lease: Duration::from_secs(30),
-        }
+        ConsumerOptions { prefetch: 4, max_attempts: 5, lease: Duration::from_secs(30) }
     }
 }
 
@@ -172,18 +157,9 @@ mod tests {
 
     #[test]
     fn parses_uris() {
-        assert_eq!(
-            QueueUri::parse("spool:/tmp/q").unwrap(),
-            QueueUri::Spool("/tmp/q".into())
-        );
-        assert_eq!(
-            QueueUri::parse("spool:rel/q").unwrap(),
-            QueueUri::Spool("rel/q".into())
-        );
+        assert_eq!(QueueUri::parse("spool:/tmp/q").unwrap(), QueueUri::Spool("/tmp/q".into()));
+        assert_eq!(QueueUri::parse("spool:rel/q").unwrap(), QueueUri::Spool("rel/q".into()));
         assert!(QueueUri::parse("spool:").is_err());
-        assert!(QueueUri::parse("kafka://x")
-            .unwrap_err()
-            .to_string()
-            .contains("kafka://x"));
+        assert!(QueueUri::parse("kafka://x").unwrap_err().to_string().contains("kafka://x"));
     }
 }

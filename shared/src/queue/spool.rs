@@ -46,26 +46,15 @@ impl MessageName {
         let stem = name.strip_suffix(".json")?;
         let (head, attempt) = stem.rsplit_once(".a")?;
         let (eligible, id) = head.split_once('-')?;
-        Some(MessageName {
-            eligible_ms: eligible.parse().ok()?,
-            id: id.to_string(),
-            attempt: attempt.parse().ok()?,
-        })
+        Some(MessageName { eligible_ms: eligible.parse().ok()?, id: id.to_string(), attempt: attempt.parse().ok()? })
     }
     pub fn render(&self) -> String {
-        format!(
-            "{:013}-{}.a{}.json",
-            self.eligible_ms, self.id, self.attempt
-        )
+        format!("{:013}-{}.a{}.json", self.eligible_ms, self.id, self.attempt)
     }
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QueueError + 'a {
-    move |source| QueueError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| QueueError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// Set a file's mtime to now (one syscall); false if it is gone.
@@ -80,9 +69,7 @@ fn touch(path: &Path) -> bool {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
 ) -> Result<T, QueueError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| QueueError::Broker(format!("spool task panicked: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| QueueError::Broker(format!("spool task panicked: {e}")))?
 }
 
 impl Spool {
@@ -104,12 +91,8 @@ impl Spool {
 
     /// Publish synchronously (used from blocking contexts and by `publish`).
     pub fn publish_blocking(root: &Path, payload: &[u8]) -> Result<(), QueueError> {
-        let name = MessageName {
-            eligible_ms: now_ms(),
-            id: uuid::Uuid::now_v7().simple().to_string(),
-            attempt: 1,
-        }
-        .render();
+        let name =
+            MessageName { eligible_ms: now_ms(), id: uuid::Uuid::now_v7().simple().to_string(), attempt: 1 }.render();
         let tmp = root.join("tmp").join(&name);
         if let Err(e) = std::fs::write(&tmp, payload) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -125,10 +108,9 @@ impl Spool {
     fn count(root: &Path, dir: &str) -> Result<u64, QueueError> {
         let p = root.join(dir);
         match std::fs::read_dir(&p) {
-            Ok(rd) => Ok(rd
-                .filter_map(Result::ok)
-                .filter(|e| e.file_name().as_bytes().ends_with(b".json"))
-                .count() as u64),
+            Ok(rd) => {
+                Ok(rd.filter_map(Result::ok).filter(|e| e.file_name().as_bytes().ends_with(b".json")).count() as u64)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(io("list", &p)(e)),
         }
@@ -170,13 +152,7 @@ impl Queue for Spool {
         self.setup().await?;
         let held: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
         let keeper = tokio::spawn(lease_keeper(self.root.clone(), held.clone(), opts.clone()));
-        Ok(Box::new(SpoolConsumer {
-            root: self.root.clone(),
-            cache: VecDeque::new(),
-            held,
-            keeper,
-            opts,
-        }))
+        Ok(Box::new(SpoolConsumer { root: self.root.clone(), cache: VecDeque::new(), held, keeper, opts }))
     }
 
     async fn depth(&self) -> Result<Option<u64>, QueueError> {
@@ -203,14 +179,9 @@ impl Queue for Spool {
                 .map(|n| {
                     let p = dir.join(&n);
                     let payload = std::fs::read(&p).map_err(io("read", &p))?;
-                    let reason = std::fs::read_to_string(dir.join(format!("{n}.reason")))
-                        .unwrap_or_default();
+                    let reason = std::fs::read_to_string(dir.join(format!("{n}.reason"))).unwrap_or_default();
                     let id = MessageName::parse(&n).map(|m| m.id).unwrap_or(n);
-                    Ok(DeadLetter {
-                        id,
-                        payload,
-                        reason: reason.trim().to_string(),
-                    })
+                    Ok(DeadLetter { id, payload, reason: reason.trim().to_string() })
                 })
                 .collect()
         })
@@ -229,12 +200,7 @@ async fn lease_keeper(root: PathBuf, held: Arc<Mutex<HashSet<PathBuf>>>, opts: C
         tokio::time::sleep(tick).await;
         let (root, held, opts) = (root.clone(), held.clone(), opts.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            let mine: Vec<PathBuf> = held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned()
-                .collect();
+            let mine: Vec<PathBuf> = held.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
             for p in &mine {
                 touch(p);
             }
@@ -257,11 +223,7 @@ fn reap(root: &Path, held: &Mutex<HashSet<PathBuf>>, opts: &ConsumerOptions) {
         let Some(msg) = MessageName::parse(&name) else {
             continue;
         };
-        if held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&path)
-        {
+        if held.lock().unwrap_or_else(|e| e.into_inner()).contains(&path) {
             continue;
         }
         let Ok(mtime) = entry.metadata().and_then(|m| m.modified()) else {
@@ -278,11 +240,7 @@ fn reap(root: &Path, held: &Mutex<HashSet<PathBuf>>, opts: &ConsumerOptions) {
             let _ = std::fs::write(root.join("dead").join(format!("{name}.reason")), reason);
             let _ = std::fs::rename(&path, root.join("dead").join(&name));
         } else {
-            let next = MessageName {
-                eligible_ms: now_ms(),
-                id: msg.id,
-                attempt: msg.attempt + 1,
-            };
+            let next = MessageName { eligible_ms: now_ms(), id: msg.id, attempt: msg.attempt + 1 };
             // Losing this race to another worker's reaper is fine: one rename wins.
             let _ = std::fs::rename(&path, root.join("ready").join(next.render()));
         }
@@ -367,22 +325,9 @@ impl Consumer for SpoolConsumer {
             .map_err(|e| QueueError::Broker(e.to_string()))?;
             self.cache = cache;
             if let Some((msg, path, payload)) = claimed? {
-                self.held
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(path.clone());
-                let acker = SpoolAcker {
-                    root: self.root.clone(),
-                    path,
-                    msg: msg.clone(),
-                    held: self.held.clone(),
-                };
-                return Ok(Some(Delivery {
-                    id: msg.id,
-                    payload,
-                    attempt: msg.attempt,
-                    acker: Box::new(acker),
-                }));
+                self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone());
+                let acker = SpoolAcker { root: self.root.clone(), path, msg: msg.clone(), held: self.held.clone() };
+                return Ok(Some(Delivery { id: msg.id, payload, attempt: msg.attempt, acker: Box::new(acker) }));
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -404,20 +349,13 @@ struct SpoolAcker {
 
 impl SpoolAcker {
     fn forget(&self) {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.path);
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.path);
     }
 
     /// Move the claim back to `ready/`, eligible after `delay`, with `attempt`.
     async fn requeue(self: Box<Self>, delay: Duration, attempt: u32) -> Result<(), QueueError> {
         self.forget();
-        let next = MessageName {
-            eligible_ms: now_ms() + delay.as_millis() as u64,
-            id: self.msg.id.clone(),
-            attempt,
-        };
+        let next = MessageName { eligible_ms: now_ms() + delay.as_millis() as u64, id: self.msg.id.clone(), attempt };
         let dst = self.root.join("ready").join(next.render());
         blocking(move || match std::fs::rename(&self.path, &dst) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()), // lease lost: already requeued
@@ -473,16 +411,9 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_sort_by_eligibility() {
-        let m = MessageName {
-            eligible_ms: 1_732_000_000_000,
-            id: "abc".into(),
-            attempt: 3,
-        };
+        let m = MessageName { eligible_ms: 1_732_000_000_000, id: "abc".into(), attempt: 3 };
         assert_eq!(MessageName::parse(&m.render()), Some(m.clone()));
-        let later = MessageName {
-            eligible_ms: m.eligible_ms + 1,
-            ..m.clone()
-        };
+        let later = MessageName { eligible_ms: m.eligible_ms + 1, ..m.clone() };
         assert!(m.render() < later.render());
         assert_eq!(MessageName::parse("junk.json"), None);
     }
@@ -498,10 +429,7 @@ mod tests {
         let mut c = q.consumer(ConsumerOptions::default()).await.unwrap();
         let d1 = c.next(Duration::from_secs(1)).await.unwrap().unwrap();
         assert_eq!((d1.payload.as_slice(), d1.attempt), (&b"one"[..], 1));
-        d1.acker
-            .retry(Duration::from_millis(300), "flaky")
-            .await
-            .unwrap();
+        d1.acker.retry(Duration::from_millis(300), "flaky").await.unwrap();
         let d2 = c.next(Duration::from_secs(1)).await.unwrap().unwrap();
         assert_eq!(d2.payload, b"two");
         d2.acker.dead_letter("bad input: test").await.unwrap();
@@ -514,10 +442,7 @@ mod tests {
         assert!(c.next(Duration::from_millis(50)).await.unwrap().is_none());
         let dead = q.dead_letters(10).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(
-            (dead[0].payload.as_slice(), dead[0].reason.as_str()),
-            (&b"two"[..], "bad input: test")
-        );
+        assert_eq!((dead[0].payload.as_slice(), dead[0].reason.as_str()), (&b"two"[..], "bad input: test"));
         assert_eq!(q.inflight().unwrap(), 0);
     }
 
@@ -526,22 +451,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = Spool::new(dir.path());
         q.publish(b"crashy").await.unwrap();
-        let opts = ConsumerOptions {
-            lease: Duration::from_millis(300),
-            max_attempts: 2,
-            ..Default::default()
-        };
+        let opts = ConsumerOptions { lease: Duration::from_millis(300), max_attempts: 2, ..Default::default() };
         // A consumer that claims and then "dies" (is dropped without settling).
         let mut dying = q.consumer(opts.clone()).await.unwrap();
         let d = dying.next(Duration::from_secs(1)).await.unwrap().unwrap();
         drop(dying);
         std::mem::forget(d.acker); // never settled, as if the process was killed
         let mut c = q.consumer(opts.clone()).await.unwrap();
-        let d = c
-            .next(Duration::from_secs(5))
-            .await
-            .unwrap()
-            .expect("redelivered after lease expiry");
+        let d = c.next(Duration::from_secs(5)).await.unwrap().expect("redelivered after lease expiry");
         assert_eq!(d.attempt, 2);
         drop(c);
         std::mem::forget(d.acker);
@@ -553,10 +470,6 @@ mod tests {
         }
         drop(c2);
         let dead = q.dead_letters(1).await.unwrap();
-        assert!(
-            dead[0].reason.contains("lease expired on delivery 2 of 2"),
-            "{}",
-            dead[0].reason
-        );
+        assert!(dead[0].reason.contains("lease expired on delivery 2 of 2"), "{}", dead[0].reason);
     }
 }

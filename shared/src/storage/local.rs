@@ -13,10 +13,7 @@ pub struct LocalStore;
 fn path(loc: &Location) -> Result<&Path, StorageError> {
     match loc {
         Location::Local(p) => Ok(p),
-        other => Err(StorageError::Invalid {
-            uri: other.to_string(),
-            reason: "not a local path".into(),
-        }),
+        other => Err(StorageError::Invalid { uri: other.to_string(), reason: "not a local path".into() }),
     }
 }
 
@@ -30,37 +27,21 @@ impl ObjectStore for LocalStore {
             let f = std::fs::File::open(&p).map_err(|e| StorageError::io(&loc, e))?;
             let meta = f.metadata().map_err(|e| StorageError::io(&loc, e))?;
             if meta.is_dir() {
-                return Err(StorageError::Invalid {
-                    uri: loc.to_string(),
-                    reason: "is a directory".into(),
-                });
+                return Err(StorageError::Invalid { uri: loc.to_string(), reason: "is a directory".into() });
             }
             if meta.len() > max_bytes {
-                return Err(StorageError::TooLarge {
-                    uri: loc.to_string(),
-                    size: meta.len(),
-                    limit: max_bytes,
-                });
+                return Err(StorageError::TooLarge { uri: loc.to_string(), size: meta.len(), limit: max_bytes });
             }
             let mut buf = Vec::with_capacity(meta.len() as usize);
             // take() guards against a file that grows while we read it.
-            f.take(max_bytes + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| StorageError::io(&loc, e))?;
+            f.take(max_bytes + 1).read_to_end(&mut buf).map_err(|e| StorageError::io(&loc, e))?;
             if buf.len() as u64 > max_bytes {
-                return Err(StorageError::TooLarge {
-                    uri: loc.to_string(),
-                    size: buf.len() as u64,
-                    limit: max_bytes,
-                });
+                return Err(StorageError::TooLarge { uri: loc.to_string(), size: buf.len() as u64, limit: max_bytes });
             }
             Ok(buf)
         })
         .await
-        .map_err(|e| StorageError::Unavailable {
-            uri: "local".into(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| StorageError::Unavailable { uri: "local".into(), reason: e.to_string() })?
     }
 
     async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError> {
@@ -76,10 +57,7 @@ impl ObjectStore for LocalStore {
             other => other.map_err(|e| StorageError::io(&loc, e)),
         })
         .await
-        .map_err(|e| StorageError::Unavailable {
-            uri: "local".into(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| StorageError::Unavailable { uri: "local".into(), reason: e.to_string() })?
     }
 
     async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError> {
@@ -108,10 +86,7 @@ impl ObjectStore for LocalStore {
             Ok(out)
         })
         .await
-        .map_err(|e| StorageError::Unavailable {
-            uri: "local".into(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| StorageError::Unavailable { uri: "local".into(), reason: e.to_string() })?
     }
 }
 
@@ -124,32 +99,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore;
         let base = Location::Local(dir.path().join("out"));
-        s.put(&base.join("t1").join("000.jpg"), b"abc".to_vec())
-            .await
-            .unwrap();
-        s.put(&base.join("t1").join("001.jpg"), b"de".to_vec())
-            .await
-            .unwrap();
-        assert_eq!(
-            s.get(&base.join("t1").join("000.jpg"), 10).await.unwrap(),
-            b"abc"
-        );
-        assert_eq!(
-            s.list(&base).await.unwrap(),
-            vec!["t1/000.jpg", "t1/001.jpg"]
-        );
-        let e = s
-            .get(&base.join("t1").join("000.jpg"), 2)
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            e,
-            StorageError::TooLarge {
-                size: 3,
-                limit: 2,
-                ..
-            }
-        ));
+        s.put(&base.join("t1").join("000.jpg"), b"abc".to_vec()).await.unwrap();
+        s.put(&base.join("t1").join("001.jpg"), b"de".to_vec()).await.unwrap();
+        assert_eq!(s.get(&base.join("t1").join("000.jpg"), 10).await.unwrap(), b"abc");
+        assert_eq!(s.list(&base).await.unwrap(), vec!["t1/000.jpg", "t1/001.jpg"]);
+        let e = s.get(&base.join("t1").join("000.jpg"), 2).await.unwrap_err();
+        assert!(matches!(e, StorageError::TooLarge { size: 3, limit: 2, .. }));
         let e = s.get(&base.join("nope"), 10).await.unwrap_err();
         assert!(matches!(e, StorageError::NotFound { .. }));
         assert_eq!(e.failure(), crate::Failure::Permanent);

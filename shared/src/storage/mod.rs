@@ -31,23 +31,14 @@ impl Location {
     pub fn parse(s: &str) -> Result<Location, StorageError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(StorageError::Invalid {
-                uri: s.into(),
-                reason: "empty location".into(),
-            });
+            return Err(StorageError::Invalid { uri: s.into(), reason: "empty location".into() });
         }
         if let Some(rest) = s.strip_prefix("gs://") {
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(StorageError::Invalid {
-                    uri: s.into(),
-                    reason: "gs:// URI without a bucket".into(),
-                });
+                return Err(StorageError::Invalid { uri: s.into(), reason: "gs:// URI without a bucket".into() });
             }
-            return Ok(Location::Gcs {
-                bucket: bucket.into(),
-                key: key.trim_start_matches('/').into(),
-            });
+            return Ok(Location::Gcs { bucket: bucket.into(), key: key.trim_start_matches('/').into() });
         }
         if s.starts_with("http://") || s.starts_with("https://") {
             return Ok(Location::Http(s.into()));
@@ -56,10 +47,7 @@ impl Location {
             return Ok(Location::Local(PathBuf::from(rest)));
         }
         if let Some((scheme, _)) = s.split_once("://") {
-            return Err(StorageError::Invalid {
-                uri: s.into(),
-                reason: format!("unsupported scheme {scheme}://"),
-            });
+            return Err(StorageError::Invalid { uri: s.into(), reason: format!("unsupported scheme {scheme}://") });
         }
         Ok(Location::Local(PathBuf::from(s)))
     }
@@ -69,15 +57,9 @@ impl Location {
         match self {
             Location::Local(p) => Location::Local(p.join(name)),
             Location::Gcs { bucket, key } => {
-                let key = if key.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{}/{name}", key.trim_end_matches('/'))
-                };
-                Location::Gcs {
-                    bucket: bucket.clone(),
-                    key,
-                }
+                let key =
+                    if key.is_empty() { name.to_string() } else { format!("{}/{name}", key.trim_end_matches('/')) };
+                Location::Gcs { bucket: bucket.clone(), key }
             }
             Location::Http(u) => Location::Http(format!("{}/{name}", u.trim_end_matches('/'))),
         }
@@ -128,17 +110,11 @@ impl StorageError {
 
     pub(crate) fn io(loc: &Location, source: std::io::Error) -> StorageError {
         match source.kind() {
-            std::io::ErrorKind::NotFound => StorageError::NotFound {
-                uri: loc.to_string(),
-            },
-            std::io::ErrorKind::PermissionDenied => StorageError::Denied {
-                uri: loc.to_string(),
-                reason: source.to_string(),
-            },
-            _ => StorageError::Io {
-                uri: loc.to_string(),
-                source,
-            },
+            std::io::ErrorKind::NotFound => StorageError::NotFound { uri: loc.to_string() },
+            std::io::ErrorKind::PermissionDenied => {
+                StorageError::Denied { uri: loc.to_string(), reason: source.to_string() }
+            }
+            _ => StorageError::Io { uri: loc.to_string(), source },
         }
     }
 }
@@ -171,11 +147,7 @@ impl Default for Storage {
 impl Storage {
     /// Local disk only; `gs://` and `http(s)://` are rejected with a clear error.
     pub fn local_only() -> Storage {
-        Storage {
-            local: Arc::new(local::LocalStore),
-            gcs: None,
-            http: None,
-        }
+        Storage { local: Arc::new(local::LocalStore), gcs: None, http: None }
     }
 
     /// Add a Google Cloud Storage backend for `gs://`.
@@ -197,10 +169,7 @@ impl Storage {
         };
         match loc {
             Location::Local(_) => Ok(&self.local),
-            Location::Gcs { .. } => self
-                .gcs
-                .as_ref()
-                .ok_or_else(|| missing("Google Cloud Storage (gs://)")),
+            Location::Gcs { .. } => self.gcs.as_ref().ok_or_else(|| missing("Google Cloud Storage (gs://)")),
             Location::Http(_) => self.http.as_ref().ok_or_else(|| missing("HTTP(S) reading")),
         }
     }
@@ -211,10 +180,7 @@ impl Storage {
 
     pub async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError> {
         if let Location::Http(u) = loc {
-            return Err(StorageError::Invalid {
-                uri: u.clone(),
-                reason: "http(s) locations are read-only".into(),
-            });
+            return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
         }
         self.backend(loc)?.put(loc, data).await
     }
@@ -230,34 +196,12 @@ mod tests {
 
     #[test]
     fn parses_locations() {
-        assert_eq!(
-            Location::parse("/a/b").unwrap(),
-            Location::Local("/a/b".into())
-        );
-        assert_eq!(
-            Location::parse("file:///a/b").unwrap(),
-            Location::Local("/a/b".into())
-        );
-        assert_eq!(
-            Location::parse("gs://bkt/x/y").unwrap(),
-            Location::Gcs {
-                bucket: "bkt".into(),
-                key: "x/y".into()
-            }
-        );
-        assert_eq!(
-            Location::parse("gs://bkt")
-                .unwrap()
-                .join("t1")
-                .join("000.jpg")
-                .to_string(),
-            "gs://bkt/t1/000.jpg"
-        );
+        assert_eq!(Location::parse("/a/b").unwrap(), Location::Local("/a/b".into()));
+        assert_eq!(Location::parse("file:///a/b").unwrap(), Location::Local("/a/b".into()));
+        assert_eq!(Location::parse("gs://bkt/x/y").unwrap(), Location::Gcs { bucket: "bkt".into(), key: "x/y".into() });
+        assert_eq!(Location::parse("gs://bkt").unwrap().join("t1").join("000.jpg").to_string(), "gs://bkt/t1/000.jpg");
         assert!(Location::parse("gs:///x").is_err());
         assert!(Location::parse("ftp://x").is_err());
-        assert!(matches!(
-            Location::parse("https://h/x.jpg").unwrap(),
-            Location::Http(_)
-        ));
+        assert!(matches!(Location::parse("https://h/x.jpg").unwrap(), Location::Http(_)));
     }
 }

@@ -1,0 +1,390 @@
+//! `sweep`: for each configuration of a grid (worker processes × CPU threads), start that many
+//! real `cropfleet-worker` processes on fresh queues, enqueue the same workload, wait until
+//! every task's result event arrived, stop the workers, and record the run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cropfleet::produce::{self, Template};
+use cropfleet::queue::{self, ConsumerOptions, Queue};
+use cropfleet::stats::{RunCollector, RunRecord};
+use cropfleet::task::ResultEvent;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SweepArgs {
+    /// Worker process counts to try.
+    #[arg(long, env = "CROPFLEET_PROCESSES", value_delimiter = ',', default_value = "1,2")]
+    pub processes: Vec<u32>,
+    /// CPU threads per worker to try.
+    #[arg(long, env = "CROPFLEET_THREADS", value_delimiter = ',', default_value = "1,2,4")]
+    pub threads: Vec<u32>,
+    /// Tasks (source images) per configuration.
+    #[arg(long, env = "CROPFLEET_TASKS", default_value_t = 200)]
+    pub tasks: usize,
+    /// Source image [default: the generated 12 MP sample].
+    #[arg(long, env = "CROPFLEET_IMAGE", requires = "crops")]
+    pub image: Option<String>,
+    /// Crops CSV (header x,y,w,h) [default: the generated 50-box list].
+    #[arg(long, env = "CROPFLEET_CROPS", requires = "image")]
+    pub crops: Option<String>,
+    /// JPEG quality of the crops (4:2:0).
+    #[arg(long, env = "CROPFLEET_QUALITY", default_value_t = 85, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: u8,
+    /// Folder for runs.csv, runs.json, throughput.svg/png, worker logs and the sample workload.
+    #[arg(long, env = "CROPFLEET_OUT", default_value = "results/sweep")]
+    pub out: PathBuf,
+    /// Scratch folder for queues and crops, emptied after each configuration
+    /// [default: /dev/shm/cropfleet-sweep-PID when /dev/shm exists, else OUT/work].
+    #[arg(long, env = "CROPFLEET_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Task queue base URI [default: a spool in the work folder]; each configuration gets its
+    /// own queue derived from it.
+    #[arg(long, env = "CROPFLEET_QUEUE")]
+    pub queue: Option<String>,
+    /// Tasks each worker holds at once (worker --prefetch).
+    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 8)]
+    pub prefetch: u32,
+    /// Uploads each worker runs at once (worker --upload-concurrency).
+    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 32)]
+    pub upload_concurrency: u32,
+    /// Label of these runs in the table and picture.
+    #[arg(long, env = "CROPFLEET_LABEL", default_value = "spool")]
+    pub label: String,
+    /// The worker binary [default: next to this binary, built by cargo when run through cargo].
+    #[arg(long, env = "CROPFLEET_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// Extra argument passed to every worker (repeatable), e.g. --worker-arg=--crop-mode=lossless.
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// Give up on a configuration when no task finished for this many seconds.
+    #[arg(long, env = "CROPFLEET_STALL_SECS", default_value_t = 120.0)]
+    pub stall_secs: f64,
+    /// Keep the crops of each configuration instead of deleting them.
+    #[arg(long, env = "CROPFLEET_KEEP_OUTPUTS")]
+    pub keep_outputs: bool,
+}
+
+/// One configuration of the grid.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    processes: u32,
+    threads: u32,
+}
+
+impl Config {
+    fn tag(&self) -> String {
+        format!("p{}t{}", self.processes, self.threads)
+    }
+}
+
+pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
+    if a.processes.is_empty() || a.threads.is_empty() || a.processes.contains(&0) || a.threads.contains(&0) {
+        bail!("--processes and --threads need positive counts");
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let out = std::fs::canonicalize(&a.out)?;
+    let worker_bin = find_worker(a.worker_bin.clone())?;
+    let (image, crops) = match (&a.image, &a.crops) {
+        (Some(i), Some(c)) => (i.clone(), c.clone()),
+        _ => {
+            eprintln!(
+                "generating the sample workload (12 MP photo-like JPEG, 50 crops) in {}",
+                out.join("workload").display()
+            );
+            let dir = out.join("workload");
+            let w = tokio::task::spawn_blocking(move || cropfleet::sample::write_workload(&dir)).await??;
+            (w.image.display().to_string(), w.crops.display().to_string())
+        }
+    };
+    let work = match &a.work_dir {
+        Some(w) => w.clone(),
+        None if Path::new("/dev/shm").is_dir() => {
+            PathBuf::from(format!("/dev/shm/cropfleet-sweep-{}", std::process::id()))
+        }
+        None => out.join("work"),
+    };
+    std::fs::create_dir_all(&work)?;
+    let work = std::fs::canonicalize(&work)?;
+    let storage = fs_kind(&work);
+    let configs: Vec<Config> =
+        a.processes.iter().flat_map(|&p| a.threads.iter().map(move |&t| Config { processes: p, threads: t })).collect();
+    eprintln!(
+        "sweep: {} configurations x {} tasks; worker {}; queues and crops in {} ({storage})",
+        configs.len(),
+        a.tasks,
+        worker_bin.display(),
+        work.display()
+    );
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut records = Vec::new();
+    for (i, cfg) in configs.iter().enumerate() {
+        let rec = run_config(&a, *cfg, i, configs.len(), &worker_bin, &image, &crops, &work, &logs, &storage)
+            .await
+            .with_context(|| {
+                format!("configuration {} ({} processes x {} threads)", cfg.tag(), cfg.processes, cfg.threads)
+            })?;
+        records.push(rec);
+    }
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    crate::write_outputs(&records, &out, &format!("cropfleet sweep: {} tasks per configuration, {}", a.tasks, a.label))
+}
+
+/// Queue URIs (tasks, results) for one configuration.
+fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(String, String)> {
+    match base {
+        None => {
+            Ok((format!("spool:{}", dir.join("tasks").display()), format!("spool:{}", dir.join("results").display())))
+        }
+        Some(b) if b.starts_with("spool:") => {
+            let root = b.trim_start_matches("spool:").trim_start_matches("//");
+            Ok((format!("spool:{root}/{tag}/tasks"), format!("spool:{root}/{tag}/results")))
+        }
+        Some(other) => bail!("sweep cannot derive per-configuration queues from {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_config(
+    a: &SweepArgs,
+    cfg: Config,
+    index: usize,
+    of: usize,
+    worker_bin: &Path,
+    image: &str,
+    crops: &str,
+    work: &Path,
+    logs: &Path,
+    storage: &str,
+) -> anyhow::Result<RunRecord> {
+    let tag = cfg.tag();
+    let dir = work.join(&tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (tasks_uri, results_uri) = queues_for(a.queue.as_deref(), &dir, &tag)?;
+    let tasks_q = queue::open(&tasks_uri).await?;
+    let results_q = queue::open(&results_uri).await?;
+    tasks_q.setup().await?;
+    results_q.setup().await?;
+
+    // Enqueue the whole workload first, so workers start on a full queue.
+    let run_id = format!("sweep-{}-{tag}", cropfleet::util::now_ms());
+    let template = Template {
+        image: image.to_string(),
+        crops: produce::crops_spec(crops)?,
+        output: dir.join("out").display().to_string(),
+        quality: Some(a.quality),
+    };
+    let payloads: Vec<Vec<u8>> =
+        (0..a.tasks).map(|i| produce::task_from_template(&template, &run_id, i).to_json()).collect();
+    let (n, err) = tasks_q.publish_many(&payloads).await;
+    if let Some(e) = err {
+        bail!("enqueueing stopped after {n} of {}: {e}", a.tasks);
+    }
+
+    let mut workers = Vec::new();
+    for w in 0..cfg.processes {
+        workers.push(spawn_worker(
+            a,
+            cfg,
+            worker_bin,
+            &tasks_uri,
+            &results_uri,
+            &logs.join(format!("{tag}-w{w}.log")),
+        )?);
+    }
+    let bar = ProgressBar::new(a.tasks as u64);
+    bar.set_style(
+        ProgressStyle::with_template("[{prefix}] {bar:30} {pos}/{len} tasks  {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{} {} proc x {} thr", index + 1, of, cfg.processes, cfg.threads));
+    let collected =
+        collect_results(&*results_q, a.tasks, &mut workers, &bar, Duration::from_secs_f64(a.stall_secs)).await;
+    bar.finish_and_clear();
+    let usage = stop_workers(workers).await;
+    let collector = collected?;
+    let record = collector.record(
+        RunRecord {
+            label: a.label.clone(),
+            backend: tasks_q.backend().into(),
+            storage: storage.into(),
+            mode: mode_of(&a.worker_args),
+            processes: cfg.processes,
+            threads: cfg.threads,
+            upload_concurrency: a.upload_concurrency,
+            prefetch: a.prefetch,
+            cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            peak_rss_mib: usage.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            ..Default::default()
+        },
+        usage.cpu_seconds,
+    );
+    eprintln!(
+        "{tag}: {} tasks in {:.2}s = {:.2} tasks/s, {:.0} crops/s, {:.3} CPU-s/task",
+        record.tasks, record.wall_s, record.tasks_per_s, record.crops_per_s, record.cpu_s_per_task
+    );
+    if !a.keep_outputs {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(record)
+}
+
+fn mode_of(worker_args: &[String]) -> String {
+    worker_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--crop-mode=").map(str::to_string))
+        .unwrap_or_else(|| "decode".into())
+}
+
+fn spawn_worker(
+    a: &SweepArgs,
+    cfg: Config,
+    bin: &Path,
+    tasks: &str,
+    results: &str,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new(bin)
+        .args(["--queue", tasks, "--results", results])
+        .args(["--threads", &cfg.threads.to_string()])
+        .args(["--prefetch", &a.prefetch.to_string()])
+        .args(["--upload-concurrency", &a.upload_concurrency.to_string()])
+        .args(["--http-addr", "off", "--log-format", "text"])
+        .args(["--exit-when-idle", "60"])
+        .args(&a.worker_args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+async fn collect_results(
+    results: &dyn Queue,
+    expect: usize,
+    workers: &mut [Child],
+    bar: &ProgressBar,
+    stall: Duration,
+) -> anyhow::Result<RunCollector> {
+    let mut consumer = results.consumer(ConsumerOptions { prefetch: 256, ..Default::default() }).await?;
+    let mut c = RunCollector::default();
+    let mut last_progress = Instant::now();
+    while c.len() < expect {
+        match consumer.next(Duration::from_millis(200)).await? {
+            Some(d) => {
+                let ev = ResultEvent::parse(&d.payload).context("a worker published a malformed result event")?;
+                if c.add(ev) {
+                    last_progress = Instant::now();
+                    bar.set_position(c.len() as u64);
+                    bar.set_message(format!("{:.2} tasks/s", c.rate()));
+                }
+                d.acker.ack().await?;
+            }
+            None => {
+                let alive = workers.iter_mut().map(|w| w.try_wait()).filter(|r| matches!(r, Ok(None))).count();
+                if alive == 0 {
+                    bail!("every worker exited with {} of {expect} tasks done; see the worker logs", c.len());
+                }
+                if last_progress.elapsed() > stall {
+                    bail!("no task finished for {:.0}s ({} of {expect} done)", stall.as_secs_f64(), c.len());
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+struct Usage {
+    cpu_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+/// SIGTERM every worker, wait for each, and sum their CPU time; the largest peak RSS is kept.
+async fn stop_workers(workers: Vec<Child>) -> Usage {
+    for w in &workers {
+        // SAFETY: sending a signal to a child we spawned and have not yet reaped.
+        unsafe { libc::kill(w.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let pids: Vec<u32> = workers.iter().map(|w| w.id()).collect();
+    // Reap with wait4 (not Child::wait) to get each child's own rusage.
+    tokio::task::spawn_blocking(move || {
+        let mut usage = Usage { cpu_seconds: 0.0, peak_rss_bytes: 0 };
+        for pid in pids {
+            let mut status = 0;
+            // SAFETY: zeroed rusage is a valid out-parameter; pid is our unreaped child.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            if unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru) } > 0 {
+                let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+                usage.cpu_seconds += tv(ru.ru_utime) + tv(ru.ru_stime);
+                usage.peak_rss_bytes = usage.peak_rss_bytes.max(ru.ru_maxrss as u64 * 1024);
+            }
+        }
+        drop(workers);
+        usage
+    })
+    .await
+    .unwrap_or(Usage { cpu_seconds: 0.0, peak_rss_bytes: 0 })
+}
+
+/// "tmpfs", "ext4", … for the table (outputs on tmpfs measure the engine; disks add file-create cost).
+fn fs_kind(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return "unknown".into() };
+    // SAFETY: statfs fills the zeroed struct for a valid NUL-terminated path.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut s) } != 0 {
+        return "unknown".into();
+    }
+    match s.f_type as i64 {
+        0x0102_1994 => "tmpfs".into(),
+        0xEF53 => "ext4".into(),
+        0x9123_683E => "btrfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        other => format!("fs-0x{other:x}"),
+    }
+}
+
+/// Find `cropfleet-worker`: the flag, else beside this binary — and when launched by
+/// `cargo run`, build it first so a fresh clone's one command just works.
+fn find_worker(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let sibling = exe.with_file_name("cropfleet-worker");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let release = exe.parent().is_some_and(|p| p.ends_with("release"));
+        eprintln!("building cropfleet-worker ({})", if release { "release" } else { "debug" });
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "cropfleet-worker", "--manifest-path"]).arg(&manifest);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo build for cropfleet-worker")?;
+        if !status.success() {
+            bail!("cargo build -p cropfleet-worker failed");
+        }
+    }
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    if let Some(p) = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("cropfleet-worker")).find(|p| p.exists()))
+    {
+        return Ok(p);
+    }
+    bail!(
+        "cannot find cropfleet-worker next to {} or on PATH; build it (cargo build --release) or pass --worker-bin",
+        exe.display()
+    )
+}
