@@ -41,6 +41,9 @@ pub fn write(records: &[RunRecord], dir: &Path, stem: &str, title: &str) -> anyh
     Ok(())
 }
 
+/// A latency series: its name and how to read it from a record.
+type Stage = (&'static str, fn(&RunRecord) -> f64);
+
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, records: &[RunRecord], title: &str) -> DrawResult<DB> {
@@ -113,7 +116,7 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
 
 fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunRecord]) -> DrawResult<DB> {
     let n = records.len().max(1);
-    let stages: [(&str, fn(&RunRecord) -> f64); 5] = [
+    let stages: [Stage; 5] = [
         ("decode p50", |r| r.stages_ms.decode.p50),
         ("crop+encode p50", |r| r.stages_ms.crop_encode.p50),
         ("upload p50", |r| r.stages_ms.upload.p50),

@@ -1,1 +1,113 @@
-fn main() {}
+//! The engine on the 12 MP sample (50 crops, quality 85, 4:2:0), one thread:
+//! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit;
+//! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task;
+//! - `progressive/decode`: the same image saved progressive (slow on purpose).
+//!
+//! Run: `cargo bench -p cropfleet --bench engine`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use cropfleet::{engine, sample};
+use turbojpeg::{Compressor, Decompressor, Image, PixelFormat, Subsamp};
+
+fn workload() -> (Vec<u8>, Vec<cropfleet::CropBox>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cropfleet-bench-workload");
+    let w = sample::write_workload(&dir).expect("sample workload");
+    let jpeg = std::fs::read(&w.image).unwrap();
+    let boxes = cropfleet::crops::parse_csv(&std::fs::read_to_string(&w.crops).unwrap()).unwrap();
+    (jpeg, boxes)
+}
+
+fn benches(c: &mut Criterion) {
+    let (jpeg, boxes) = workload();
+    let (w, h) = (sample::SAMPLE_WIDTH as usize, sample::SAMPLE_HEIGHT as usize);
+    eprintln!(
+        "sample: {}x{}, {} bytes = {:.2} bits/pixel, {} crops",
+        w,
+        h,
+        jpeg.len(),
+        jpeg.len() as f64 * 8.0 / (w * h) as f64,
+        boxes.len()
+    );
+
+    let mut g = c.benchmark_group("floor");
+    g.sample_size(20).measurement_time(Duration::from_secs(6));
+    let mut dec = Decompressor::new().unwrap();
+    let mut pixels = vec![0u8; w * h * 3];
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            dec.decompress(
+                &jpeg,
+                Image { pixels: &mut pixels[..], width: w, pitch: w * 3, height: h, format: PixelFormat::RGB },
+            )
+            .unwrap()
+        })
+    });
+    let mut comp = Compressor::new().unwrap();
+    comp.set_quality(85).unwrap();
+    comp.set_subsamp(Subsamp::Sub2x2).unwrap();
+    let mut out = vec![0u8; comp.buf_len(600, 600).unwrap()];
+    g.bench_function("encode_50", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for bx in &boxes {
+                let start = (bx.y as usize * w + bx.x as usize) * 3;
+                let end = start + (bx.h as usize - 1) * w * 3 + bx.w as usize * 3;
+                let img = Image {
+                    pixels: &pixels[start..end],
+                    width: bx.w as usize,
+                    pitch: w * 3,
+                    height: bx.h as usize,
+                    format: PixelFormat::RGB,
+                };
+                total += comp.compress_to_slice(img, &mut out).unwrap();
+            }
+            black_box(total)
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("engine");
+    g.sample_size(20).measurement_time(Duration::from_secs(6));
+    g.bench_function("decode", |b| b.iter(|| black_box(engine::decode(&jpeg, engine::DEFAULT_MAX_PIXELS).unwrap())));
+    let decoded = engine::decode(&jpeg, engine::DEFAULT_MAX_PIXELS).unwrap();
+    g.bench_function("crop_encode_50", |b| {
+        b.iter(|| {
+            let total: usize =
+                boxes.iter().enumerate().map(|(i, bx)| engine::encode_crop(&decoded, i, bx, 85).unwrap().len()).sum();
+            black_box(total)
+        })
+    });
+    drop(decoded);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    g.bench_function("task_1_thread", |b| {
+        b.iter(|| {
+            pool.install(|| {
+                let d = engine::decode(&jpeg, engine::DEFAULT_MAX_PIXELS).unwrap();
+                let n = std::sync::atomic::AtomicUsize::new(0);
+                engine::encode_all(&d, &boxes, 85, |batch| {
+                    let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+                    n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                })
+                .unwrap();
+                black_box(n.into_inner())
+            })
+        })
+    });
+    g.finish();
+
+    let rgb = turbojpeg::decompress(&jpeg, PixelFormat::RGB).unwrap();
+    let progressive = sample::encode_jpeg(&rgb.pixels, w as u32, h as u32, 90, true);
+    drop(rgb);
+    let mut g = c.benchmark_group("progressive");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.bench_function("decode", |b| {
+        b.iter(|| black_box(engine::decode(&progressive, engine::DEFAULT_MAX_PIXELS).unwrap()))
+    });
+    g.finish();
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);

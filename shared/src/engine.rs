@@ -337,16 +337,24 @@ pub fn encode_rgb(image: Image<&[u8]>, quality: u8) -> turbojpeg::Result<Vec<u8>
     })
 }
 
-/// Cut and encode every box on the current rayon pool, calling `sink(index, bytes)` as soon as
-/// each crop is ready (from whichever pool thread encoded it). Boxes must be checked first.
+/// Cut and encode every box on the current rayon pool, handing finished crops to `sink` in
+/// small batches as soon as each batch is ready (from whichever pool thread encoded it).
+/// Batching (about four per pool thread) keeps the crops flowing early while cutting the
+/// cross-thread wake-ups per task from one per crop to a handful. Boxes must be checked first.
 pub fn encode_all<F>(img: &Decoded, boxes: &[CropBox], quality: u8, sink: F) -> Result<(), TaskError>
 where
-    F: Fn(usize, Vec<u8>) + Sync,
+    F: Fn(Vec<(usize, Vec<u8>)>) + Sync,
 {
     use rayon::prelude::*;
-    boxes.par_iter().enumerate().try_for_each(|(i, b)| {
-        let bytes = encode_crop(img, i, b, quality)?;
-        sink(i, bytes);
+    let batches = (rayon::current_num_threads() * 4).max(1);
+    let chunk = boxes.len().div_ceil(batches).max(1);
+    boxes.par_chunks(chunk).enumerate().try_for_each(|(c, part)| {
+        let mut out = Vec::with_capacity(part.len());
+        for (k, b) in part.iter().enumerate() {
+            let i = c * chunk + k;
+            out.push((i, encode_crop(img, i, b, quality)?));
+        }
+        sink(out);
         Ok(())
     })
 }

@@ -289,7 +289,7 @@ mod tests {
         );
         assert!((r.cpu_s_per_task - 0.5).abs() < 1e-9);
         assert!((r.tasks_per_s_per_core - 0.5).abs() < 1e-9);
-        let csv = to_csv(&[r.clone()]);
+        let csv = to_csv(std::slice::from_ref(&r));
         assert!(csv.starts_with("processes,threads,tasks,crops,wall_s,tasks_per_s,crops_per_s,"));
         assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), CSV_HEADER.split(',').count());
     }

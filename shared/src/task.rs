@@ -272,3 +272,67 @@ mod tests {
         assert!(Task::parse(v.to_string().as_bytes()).unwrap_err().to_string().contains("quality"));
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    fn schema(name: &str) -> serde_json::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema").join(name);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn keys(v: &serde_json::Value) -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn task_schema_matches_the_struct() {
+        let s = schema("task.v1.json");
+        let full = Task {
+            v: 1,
+            id: "a".into(),
+            run_id: Some("r".into()),
+            image: "i".into(),
+            crops: CropsSpec::Uri("c".into()),
+            output: "o".into(),
+            quality: Some(80),
+            crop_mode: Some(CropMode::Decode),
+            enqueued_ms: Some(1),
+        };
+        assert_eq!(keys(&serde_json::to_value(&full).unwrap()), keys(&s["properties"]));
+        let mut required: Vec<String> =
+            s["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        required.sort();
+        let minimal = Task { run_id: None, quality: None, crop_mode: None, enqueued_ms: None, ..full };
+        assert_eq!(keys(&serde_json::to_value(&minimal).unwrap()), required);
+    }
+
+    #[test]
+    fn result_schema_matches_the_struct() {
+        let s = schema("result.v1.json");
+        let ev = ResultEvent {
+            v: 1,
+            task_id: "t".into(),
+            run_id: Some("r".into()),
+            worker: "w".into(),
+            attempt: 1,
+            crops: 1,
+            bytes: 1,
+            output: "o".into(),
+            mode: CropMode::Decode,
+            width: 1,
+            height: 1,
+            started_ms: 1,
+            finished_ms: 2,
+            stages_ms: StageTimes::default(),
+            threads: 1,
+            upload_concurrency: 1,
+        };
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(keys(&v), keys(&s["properties"]));
+        assert_eq!(keys(&v["stages_ms"]), keys(&s["properties"]["stages_ms"]["properties"]));
+    }
+}

@@ -359,7 +359,7 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let quality = task.quality.unwrap_or(cfg.quality);
 
     // CPU: decode once, then encode crops in parallel; each crop flows back as soon as it is ready.
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(usize, Vec<u8>)>>();
     let (done_tx, done_rx) = oneshot::channel::<Result<CpuDone, TaskError>>();
     let (max_pixels, max_crops) = (cfg.max_pixels, cfg.max_crops);
     let boxes = Arc::new(boxes);
@@ -375,8 +375,8 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
             drop(img);
             let decode = t.elapsed();
             let t = Instant::now();
-            engine::encode_all(&decoded, &cpu_boxes, quality, |i, bytes| {
-                let _ = tx.send((i, bytes));
+            engine::encode_all(&decoded, &cpu_boxes, quality, |batch| {
+                let _ = tx.send(batch);
             })?;
             Ok(CpuDone { decode, encode: t.elapsed(), width: decoded.width, height: decoded.height })
         }));
@@ -392,22 +392,29 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
         let _ = done_tx.send(res);
     });
 
-    // Uploads: bounded by the worker-wide semaphore, started as each crop arrives.
+    // Uploads: bounded by the worker-wide semaphore (one permit per crop), started as each
+    // batch of crops arrives.
     let mut uploads: JoinSet<Result<u64, TaskError>> = JoinSet::new();
     let mut first_ready: Option<Instant> = None;
-    while let Some((i, bytes)) = rx.recv().await {
+    let capacity = cfg.upload_concurrency.max(1);
+    while let Some(batch) = rx.recv().await {
         first_ready.get_or_insert_with(Instant::now);
-        let permit = ctx.uploads.clone().acquire_owned().await.expect("semaphore never closed");
-        let loc = out.join(&format!("{i:03}.jpg"));
-        let storage = ctx.storage.clone();
-        uploads.spawn(async move {
-            gauge!(tm::UPLOADS_IN_FLIGHT).increment(1.0);
-            let n = bytes.len() as u64;
-            let r = storage.put(&loc, bytes).await;
-            gauge!(tm::UPLOADS_IN_FLIGHT).decrement(1.0);
-            drop(permit);
-            r.map(|_| n).map_err(TaskError::from)
-        });
+        let mut rest = batch.into_iter().peekable();
+        while rest.peek().is_some() {
+            let items: Vec<(Location, Vec<u8>)> =
+                rest.by_ref().take(capacity).map(|(i, bytes)| (out.join(&format!("{i:03}.jpg")), bytes)).collect();
+            let permit =
+                ctx.uploads.clone().acquire_many_owned(items.len() as u32).await.expect("semaphore never closed");
+            let storage = ctx.storage.clone();
+            uploads.spawn(async move {
+                let n = items.len() as f64;
+                gauge!(tm::UPLOADS_IN_FLIGHT).increment(n);
+                let r = storage.put_many(items).await;
+                gauge!(tm::UPLOADS_IN_FLIGHT).decrement(n);
+                drop(permit);
+                r.map_err(TaskError::from)
+            });
+        }
     }
     let cpu = match done_rx.await {
         Ok(Ok(c)) => c,

@@ -126,6 +126,15 @@ pub trait ObjectStore: Send + Sync {
     async fn get(&self, loc: &Location, max_bytes: u64) -> Result<Vec<u8>, StorageError>;
     /// Write (create or overwrite) an object.
     async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError>;
+    /// Write several objects; returns the bytes written. The default runs the puts concurrently
+    /// (the caller bounds concurrency); local disk overrides it to write a batch in one go.
+    async fn put_many(&self, items: Vec<(Location, Vec<u8>)>) -> Result<u64, StorageError> {
+        let puts = items.into_iter().map(|(loc, data)| async move {
+            let n = data.len() as u64;
+            self.put(&loc, data).await.map(|_| n)
+        });
+        Ok(futures::future::try_join_all(puts).await?.into_iter().sum())
+    }
     /// Names of the objects under a prefix, relative to it, sorted.
     async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError>;
 }
@@ -183,6 +192,15 @@ impl Storage {
             return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
         }
         self.backend(loc)?.put(loc, data).await
+    }
+
+    /// Write a batch of objects that share a backend (e.g. the crops of one task).
+    pub async fn put_many(&self, items: Vec<(Location, Vec<u8>)>) -> Result<u64, StorageError> {
+        let Some((first, _)) = items.first() else { return Ok(0) };
+        if let Location::Http(u) = first {
+            return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
+        }
+        self.backend(first)?.put_many(items).await
     }
 
     pub async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError> {

@@ -1,0 +1,141 @@
+//! Helpers for end-to-end tests: locate (or build) the real binaries, run them on spool queues
+//! in a temporary folder, wait for conditions with a deadline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, building the workspace's binaries once if one is missing
+/// (cargo only builds this package's binaries for its own tests).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
+    let path = dir.join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let release = dir.ends_with("release");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--bins", "--manifest-path"])
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+            if release {
+                cmd.arg("--release");
+            }
+            assert!(cmd.status().unwrap().success(), "building the workspace binaries failed");
+        });
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// Run a binary to completion, asserting success; returns its output.
+pub fn run_ok(name: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin(name)).args(args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A spool-backed fleet in a temporary folder.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub tasks: String,
+    pub results: String,
+    pub out: PathBuf,
+    pub workers: Vec<Child>,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = format!("spool:{}", dir.path().join("tasks").display());
+        let results = format!("spool:{}", dir.path().join("results").display());
+        let out = dir.path().join("out");
+        Fleet { dir, tasks, results, out, workers: vec![] }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Start a worker with extra flags; logs go to `worker-N.log`.
+    pub fn start_worker(&mut self, extra: &[&str]) -> u32 {
+        let n = self.workers.len();
+        let log = std::fs::File::create(self.path(&format!("worker-{n}.log"))).unwrap();
+        let child = Command::new(bin("cropfleet-worker"))
+            .args(["--queue", &self.tasks, "--results", &self.results, "--http-addr", "off", "--log-format", "json"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        self.workers.push(child);
+        pid
+    }
+
+    /// Files directly in a spool sub-folder (`ready`, `inflight`, `dead`) of a queue dir.
+    pub fn spool_files(&self, queue: &str, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.path(queue).join(sub))
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Crop files under the output folder, relative paths.
+    pub fn outputs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&self.out) else { return out };
+        for task in rd.filter_map(Result::ok) {
+            for f in std::fs::read_dir(task.path()).unwrap().filter_map(Result::ok) {
+                out.push(format!("{}/{}", task.file_name().to_string_lossy(), f.file_name().to_string_lossy()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn logs(&self) -> String {
+        (0..self.workers.len())
+            .map(|n| std::fs::read_to_string(self.path(&format!("worker-{n}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn signal(&self, index: usize, sig: i32) {
+        unsafe { libc::kill(self.workers[index].id() as i32, sig) };
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+/// Poll `cond` until it holds or `limit` passes (then panic with `what`).
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A small photo-like workload (800x600, `crops` boxes) in `dir`.
+pub fn workload(dir: &Path, crops: usize) -> cropfleet::sample::Workload {
+    cropfleet::sample::write_workload_sized(dir, 800, 600, crops).unwrap()
+}

@@ -1,0 +1,265 @@
+//! End to end with the real binaries on spool queues: producer → spool → workers → aggregator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const CROPS: usize = 12;
+
+#[test]
+fn producer_workers_aggregator_all_outputs_present() {
+    let mut f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let out = f.out.display().to_string();
+    run_ok("cropfleet-producer", &["setup", "--queue", &f.tasks, "--results", &f.results]);
+    let p = run_ok(
+        "cropfleet-producer",
+        &[
+            "--queue",
+            &f.tasks,
+            "--image",
+            &w.image.display().to_string(),
+            "--crops",
+            &w.crops.display().to_string(),
+            "--output",
+            &out,
+            "--repeat",
+            "20",
+            "--run-id",
+            "e2e",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&p.stdout).contains("20 of 20 tasks confirmed"));
+    assert_eq!(f.spool_files("tasks", "ready").len(), 20);
+    f.start_worker(&["--threads", "2", "--exit-when-idle", "1"]);
+    f.start_worker(&["--threads", "1", "--exit-when-idle", "1"]);
+    for w in &mut f.workers {
+        assert!(w.wait().unwrap().success());
+    }
+    let outputs = f.outputs();
+    assert_eq!(outputs.len(), 20 * CROPS, "{}", f.logs());
+    assert!(outputs.contains(&"e2e-000019/011.jpg".to_string()));
+    assert!(f.spool_files("tasks", "ready").is_empty() && f.spool_files("tasks", "inflight").is_empty());
+    assert!(f.spool_files("tasks", "dead").is_empty(), "{:?}", f.spool_files("tasks", "dead"));
+
+    let agg = f.path("agg");
+    let a = run_ok(
+        "cropfleet-aggregator",
+        &[
+            "collect",
+            "--results",
+            &f.results,
+            "--out",
+            &agg.display().to_string(),
+            "--expect",
+            "20",
+            "--processes",
+            "2",
+        ],
+    );
+    let csv = std::fs::read_to_string(agg.join("runs.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!((row[0], row[2], row[3]), ("2", "20", &*(20 * CROPS).to_string()), "{csv}");
+    assert!(String::from_utf8_lossy(&a.stdout).contains("tasks/s"));
+    // Every JSON log line parses, and task lines carry the task id.
+    let logs = f.logs();
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string());
+    }
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_and_good_tasks_finish() {
+    let mut f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let (img, crops, out) = (w.image.display().to_string(), w.crops.display().to_string(), f.out.display().to_string());
+    run_ok("cropfleet-producer", &["setup", "--queue", &f.tasks, "--results", &f.results]);
+    // Poison: corrupt JPEG, a 30000x30000 PNG header, a missing source, a box past the edge.
+    let corrupt = f.path("corrupt.jpg");
+    let mut bytes = std::fs::read(&w.image).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    std::fs::write(&corrupt, bytes).unwrap();
+    let bomb = f.path("bomb.png");
+    std::fs::write(&bomb, png_header(30000, 30000)).unwrap();
+    let task = |id: &str, image: &str, crops: serde_json::Value| {
+        serde_json::json!({"v": 1, "id": id, "image": image, "crops": crops, "output": out}).to_string()
+    };
+    let good_crops = serde_json::Value::from(crops.clone());
+    let lines = [
+        task("good-1", &img, good_crops.clone()),
+        "{this is not json".to_string(),
+        task("corrupt", &corrupt.display().to_string(), good_crops.clone()),
+        task("good-2", &img, good_crops.clone()),
+        task("bomb", &bomb.display().to_string(), good_crops.clone()),
+        task("missing", "/nonexistent/x.jpg", good_crops.clone()),
+        task("oob", &img, serde_json::json!([{"x": 700, "y": 0, "w": 200, "h": 10}])),
+        serde_json::json!({"v": 9, "id": "future"}).to_string(),
+        task("good-3", &img, good_crops),
+    ];
+    // Write messages straight into the spool, as a script would (the producer validates first).
+    for (i, l) in lines.iter().enumerate() {
+        let name = format!("{:013}-poison{i}.a1.json", i);
+        std::fs::write(f.path("tasks/tmp").join(&name), l).unwrap();
+        std::fs::rename(f.path("tasks/tmp").join(&name), f.path("tasks/ready").join(&name)).unwrap();
+    }
+    f.start_worker(&["--threads", "2", "--exit-when-idle", "1", "--max-attempts", "2", "--retry-base-ms", "50"]);
+    assert!(f.workers[0].wait().unwrap().success(), "{}", f.logs());
+    let dead = f.spool_files("tasks", "dead");
+    let reasons: Vec<String> = dead
+        .iter()
+        .filter(|n| n.ends_with(".reason"))
+        .map(|n| std::fs::read_to_string(f.path("tasks/dead").join(n)).unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 6, "{reasons:#?}");
+    let all = reasons.join("\n");
+    for want in [
+        "not JSON",
+        "corrupt or truncated JPEG",
+        "30000x30000",
+        "not found",
+        "crop #0",
+        "unsupported task schema version 9",
+    ] {
+        assert!(all.contains(want), "no reason mentions {want:?}:\n{all}");
+    }
+    let outputs = f.outputs();
+    assert_eq!(outputs.len(), 3 * CROPS, "{outputs:?}");
+    assert!(outputs.iter().all(|o| o.starts_with("good-")));
+}
+
+#[test]
+fn killed_worker_loses_nothing_and_duplicates_count_once() {
+    let mut f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let (img, crops, out) = (w.image.display().to_string(), w.crops.display().to_string(), f.out.display().to_string());
+    let n = 40;
+    run_ok(
+        "cropfleet-producer",
+        &[
+            "--queue",
+            &f.tasks,
+            "--image",
+            &img,
+            "--crops",
+            &crops,
+            "--output",
+            &out,
+            "--repeat",
+            &n.to_string(),
+            "--run-id",
+            "kill",
+        ],
+    );
+    // A slow worker (1 thread, many in flight) that we SIGKILL while it holds claims.
+    f.start_worker(&["--threads", "1", "--prefetch", "8", "--lease-secs", "1"]);
+    wait_until(Duration::from_secs(30), "claims by the first worker", || f.spool_files("tasks", "inflight").len() >= 4);
+    f.signal(0, libc::SIGKILL);
+    let held = f.spool_files("tasks", "inflight").len();
+    assert!(held >= 1);
+    f.start_worker(&["--threads", "2", "--lease-secs", "1", "--exit-when-idle", "3"]);
+    assert!(f.workers[1].wait().unwrap().success(), "{}", f.logs());
+    assert_eq!(f.outputs().len(), n * CROPS, "lost crops; logs:\n{}", f.logs());
+    assert!(f.spool_files("tasks", "dead").is_empty());
+    // Redelivered claims carry a raised attempt count in their result events.
+    let results = f.spool_files("results", "ready");
+    assert!(results.len() >= n, "{} result events", results.len());
+    // Publish one duplicate result event by hand: the aggregator must count the task once.
+    let first = f.path("results/ready").join(&results[0]);
+    let dup = f.path("results/ready").join(results[0].replace(".a1.json", "x.a1.json"));
+    std::fs::copy(&first, &dup).unwrap();
+    let agg = f.path("agg");
+    run_ok(
+        "cropfleet-aggregator",
+        &["collect", "--results", &f.results, "--out", &agg.display().to_string(), "--idle-secs", "1"],
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap();
+    assert_eq!(runs[0]["tasks"], n as u64);
+    assert!(runs[0]["duplicates"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn sigterm_drains_in_flight_work() {
+    let mut f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let (img, crops, out) = (w.image.display().to_string(), w.crops.display().to_string(), f.out.display().to_string());
+    run_ok(
+        "cropfleet-producer",
+        &["--queue", &f.tasks, "--image", &img, "--crops", &crops, "--output", &out, "--repeat", "30"],
+    );
+    f.start_worker(&["--threads", "1", "--prefetch", "4"]);
+    wait_until(Duration::from_secs(30), "first results", || !f.spool_files("results", "ready").is_empty());
+    f.signal(0, libc::SIGTERM);
+    let status = f.workers[0].wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", f.logs());
+    // Every claimed task was finished and acked: nothing left in flight, and each finished task
+    // has all its crops.
+    assert!(f.spool_files("tasks", "inflight").is_empty(), "{:?}", f.spool_files("tasks", "inflight"));
+    let done = f.spool_files("results", "ready").len();
+    assert!(done < 30, "should have stopped early");
+    assert_eq!(f.outputs().len(), done * CROPS);
+    assert_eq!(f.spool_files("tasks", "ready").len(), 30 - done);
+    assert!(f.logs().contains("draining"));
+}
+
+#[test]
+fn sweep_writes_table_csv_json_and_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = workload(dir.path(), CROPS);
+    let out = dir.path().join("sweep");
+    let o = run_ok(
+        "cropfleet-aggregator",
+        &[
+            "sweep",
+            "--processes",
+            "1,2",
+            "--threads",
+            "1",
+            "--tasks",
+            "6",
+            "--image",
+            &w.image.display().to_string(),
+            "--crops",
+            &w.crops.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--work-dir",
+            &dir.path().join("work").display().to_string(),
+            "--worker-bin",
+            &bin("cropfleet-worker").display().to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("tasks/s"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("runs.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("processes,threads,tasks,crops,wall_s,tasks_per_s,crops_per_s"));
+    let rows: Vec<Vec<String>> = lines.map(|l| l.split(',').map(String::from).collect()).collect();
+    assert_eq!(rows.len(), 2);
+    for (row, procs) in rows.iter().zip(["1", "2"]) {
+        assert_eq!((row[0].as_str(), row[2].as_str(), row[3].as_str()), (procs, "6", &*(6 * CROPS).to_string()));
+        assert!(row[5].parse::<f64>().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(out.join("throughput.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("tasks/s"));
+    let png = image::open(out.join("throughput.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1200, 560));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).unwrap()).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+}
+
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png
+}
