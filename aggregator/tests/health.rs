@@ -97,7 +97,7 @@ fn metrics_count_what_was_processed_and_readiness_drops_while_draining() {
             None => break,
         }
     }
-    assert!(saw_draining, "readiness never reported draining");
+    assert!(saw_draining, "readiness never reported draining:\n{}", f.logs());
     assert!(f.workers[0].wait().unwrap().success());
     assert!(f.spool_files("tasks", "inflight").is_empty());
 }

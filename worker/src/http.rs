@@ -32,12 +32,21 @@ pub async fn serve(listener: TcpListener, state: Arc<WorkerState>, metrics: Arc<
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let (state, metrics) = (state.clone(), metrics.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read until the end of the request head: a request may arrive in several segments.
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await.is_err() {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = route(path, &state, &metrics);
             let head = format!(

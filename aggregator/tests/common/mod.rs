@@ -7,26 +7,24 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary, building the workspace's binaries once if one is missing
-/// (cargo only builds this package's binaries for its own tests).
+/// Path of a workspace binary. The first call in a test process runs `cargo build --bins`
+/// (a no-op when fresh): cargo builds only this package's binaries for its own tests, and a
+/// stale worker binary would test old code.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building the workspace binaries failed");
+    });
     let path = dir.join(name);
-    if !path.exists() {
-        BUILT.get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let release = dir.ends_with("release");
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--bins", "--manifest-path"])
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-            if release {
-                cmd.arg("--release");
-            }
-            assert!(cmd.status().unwrap().success(), "building the workspace binaries failed");
-        });
-    }
     assert!(path.exists(), "{} not found", path.display());
     path
 }
