@@ -141,7 +141,9 @@ async fn assert_empty(c: &mut Box<dyn Consumer>, ms: u64) {
 }
 
 async fn raw_connection() -> lapin::Connection {
-    lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default()).await.expect("RabbitMQ at 127.0.0.1:5672")
+    lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672")
 }
 
 async fn rabbitmqctl(args: &[&str]) -> String {
@@ -159,10 +161,10 @@ fn payloads(prefix: &str, n: usize) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn uri_without_queue_is_invalid() {
-    let e = queue::open("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5").await.err().expect("must fail");
+    let e = queue::open("amqp://worker:s3cret@127.0.0.1:5672/%2f?heartbeat=5").await.err().expect("must fail");
     assert!(matches!(e, QueueError::InvalidUri { .. }), "{e:?}");
     assert!(e.to_string().contains("missing the queue name"), "{e}");
-    assert!(!e.to_string().contains("guest:guest"), "password leaked: {e}");
+    assert!(!e.to_string().contains("s3cret"), "password leaked: {e}");
     let q = queue::open(&format!("{BROKER}?heartbeat=5&queue=x")).await.unwrap();
     assert_eq!(q.backend(), "rabbitmq");
 }

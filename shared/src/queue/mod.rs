@@ -5,6 +5,7 @@
 //! redelivery of unacked work when a worker dies, and a dead-letter destination with a reason
 //! for messages that fail for good or too often.
 
+pub mod amqp;
 pub mod spool;
 
 use std::path::PathBuf;
@@ -35,9 +36,17 @@ pub enum QueueError {
 pub enum QueueUri {
     /// `spool:PATH` — a directory queue on local disk.
     Spool(PathBuf),
+    /// `amqp://user:pass@host:port/vhost?queue=NAME` — a RabbitMQ queue ([`amqp`]).
+    Amqp {
+        /// The broker URL handed to lapin: the URI without `queue=`, other parameters kept.
+        url: String,
+        /// The work queue's name.
+        queue: String,
+    },
 }
 
 impl QueueUri {
+    /// Parse `spool:PATH` or `amqp://user:pass@host:port/vhost?queue=NAME`.
     pub fn parse(uri: &str) -> Result<QueueUri, QueueError> {
         let bad = |reason: &str| QueueError::InvalidUri { uri: uri.into(), reason: reason.into() };
         if let Some(rest) = uri.strip_prefix("spool:") {
@@ -47,7 +56,11 @@ impl QueueUri {
             }
             return Ok(QueueUri::Spool(PathBuf::from(rest)));
         }
-        Err(bad("expected spool:PATH"))
+        if uri.starts_with("amqp://") || uri.starts_with("amqps://") {
+            let (url, queue) = amqp::parse_uri(uri)?;
+            return Ok(QueueUri::Amqp { url, queue });
+        }
+        Err(bad("expected spool:PATH or amqp://user:pass@host:port/vhost?queue=NAME"))
     }
 }
 
@@ -148,6 +161,7 @@ pub trait Queue: Send + Sync {
 pub async fn open(uri: &str) -> Result<Arc<dyn Queue>, QueueError> {
     match QueueUri::parse(uri)? {
         QueueUri::Spool(path) => Ok(Arc::new(spool::Spool::new(path))),
+        QueueUri::Amqp { url, queue } => Ok(Arc::new(amqp::Amqp::new(url, &queue))),
     }
 }
 
@@ -161,5 +175,11 @@ mod tests {
         assert_eq!(QueueUri::parse("spool:rel/q").unwrap(), QueueUri::Spool("rel/q".into()));
         assert!(QueueUri::parse("spool:").is_err());
         assert!(QueueUri::parse("kafka://x").unwrap_err().to_string().contains("kafka://x"));
+        assert_eq!(
+            QueueUri::parse("amqp://guest:guest@127.0.0.1:5672/%2f?queue=crops&heartbeat=10").unwrap(),
+            QueueUri::Amqp { url: "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10".into(), queue: "crops".into() }
+        );
+        let e = QueueUri::parse("amqp://127.0.0.1/%2f").unwrap_err();
+        assert!(matches!(e, QueueError::InvalidUri { .. }) && e.to_string().contains("queue"), "{e}");
     }
 }
