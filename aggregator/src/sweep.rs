@@ -200,7 +200,7 @@ async fn run_config(
     }
     let bar = ProgressBar::new(a.tasks as u64);
     bar.set_style(
-        ProgressStyle::with_template("[{prefix}] {bar:30} {pos}/{len} tasks  {msg}")
+        ProgressStyle::with_template("[{prefix}] {bar:30} {pos}/{len} tasks  {msg}  eta {eta}")
             .expect("template")
             .progress_chars("=> "),
     );
