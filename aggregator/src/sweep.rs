@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cropfleet::produce::{self, Template};
-use cropfleet::queue::{self, ConsumerOptions, Queue};
+use cropfleet::queue::{self, amqp, ConsumerOptions, Queue, QueueUri};
 use cropfleet::stats::{RunCollector, RunRecord};
 use cropfleet::task::ResultEvent;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,6 +30,9 @@ pub struct SweepArgs {
     /// Crops CSV (header x,y,w,h) [default: the generated 50-box list].
     #[arg(long, env = "CROPFLEET_CROPS", requires = "image")]
     pub crops: Option<String>,
+    /// Size of the generated sample in megapixels (4:3; e.g. 50 for a memory check).
+    #[arg(long, env = "CROPFLEET_SAMPLE_MP", default_value_t = 12)]
+    pub sample_mp: u32,
     /// JPEG quality of the crops (4:2:0).
     #[arg(long, env = "CROPFLEET_QUALITY", default_value_t = 85, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: u8,
@@ -40,8 +43,9 @@ pub struct SweepArgs {
     /// [default: /dev/shm/cropfleet-sweep-PID when /dev/shm exists, else OUT/work].
     #[arg(long, env = "CROPFLEET_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
-    /// Task queue base URI [default: a spool in the work folder]; each configuration gets its
-    /// own queue derived from it.
+    /// Task queue base URI [default: a spool in the work folder]; each configuration gets its own
+    /// queues derived from it (spool:ROOT → ROOT/p2t4/tasks; amqp://…?queue=crops → crops.p2t4
+    /// and crops.p2t4.results, deleted before and after the run).
     #[arg(long, env = "CROPFLEET_QUEUE")]
     pub queue: Option<String>,
     /// Tasks each worker holds at once (worker --prefetch).
@@ -50,9 +54,9 @@ pub struct SweepArgs {
     /// Uploads each worker runs at once (worker --upload-concurrency).
     #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 32)]
     pub upload_concurrency: u32,
-    /// Label of these runs in the table and picture.
-    #[arg(long, env = "CROPFLEET_LABEL", default_value = "spool")]
-    pub label: String,
+    /// Label of these runs in the table and picture [default: the queue backend, e.g. spool].
+    #[arg(long, env = "CROPFLEET_LABEL")]
+    pub label: Option<String>,
     /// The worker binary [default: next to this binary, built by cargo when run through cargo].
     #[arg(long, env = "CROPFLEET_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
@@ -65,6 +69,9 @@ pub struct SweepArgs {
     /// Keep the crops of each configuration instead of deleting them.
     #[arg(long, env = "CROPFLEET_KEEP_OUTPUTS")]
     pub keep_outputs: bool,
+    /// Who starts the workers (local processes, or compose/Kubernetes through shell templates).
+    #[command(flatten)]
+    pub launcher: crate::launcher::LauncherArgs,
 }
 
 /// One configuration of the grid.
@@ -86,16 +93,22 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let out = std::fs::canonicalize(&a.out)?;
-    let worker_bin = find_worker(a.worker_bin.clone())?;
+    a.launcher.validate(a.queue.as_deref())?;
+    let worker_bin =
+        if a.launcher.is_local() { find_worker(a.worker_bin.clone())? } else { PathBuf::from("(external fleet)") };
     let (image, crops) = match (&a.image, &a.crops) {
         (Some(i), Some(c)) => (i.clone(), c.clone()),
         _ => {
+            let (w, h) = sample_dims(a.sample_mp);
             eprintln!(
-                "generating the sample workload (12 MP photo-like JPEG, 50 crops) in {}",
+                "generating the sample workload ({w}x{h} photo-like JPEG, 50 crops) in {}",
                 out.join("workload").display()
             );
             let dir = out.join("workload");
-            let w = tokio::task::spawn_blocking(move || cropfleet::sample::write_workload(&dir)).await??;
+            let w = tokio::task::spawn_blocking(move || {
+                cropfleet::sample::write_workload_sized(&dir, w, h, cropfleet::sample::SAMPLE_CROPS)
+            })
+            .await??;
             (w.image.display().to_string(), w.crops.display().to_string())
         }
     };
@@ -108,7 +121,7 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&work)?;
     let work = std::fs::canonicalize(&work)?;
-    let storage = fs_kind(&work);
+    let storage = a.launcher.storage().unwrap_or_else(|| fs_kind(&work));
     let configs: Vec<Config> =
         a.processes.iter().flat_map(|&p| a.threads.iter().map(move |&t| Config { processes: p, threads: t })).collect();
     eprintln!(
@@ -132,10 +145,21 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     if a.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    crate::write_outputs(&records, &out, &format!("cropfleet sweep: {} tasks per configuration, {}", a.tasks, a.label))
+    let label = records.first().map(|r| r.label.clone()).unwrap_or_default();
+    crate::write_outputs(&records, &out, &format!("cropfleet sweep: {} tasks per configuration, {label}", a.tasks))
 }
 
-/// Queue URIs (tasks, results) for one configuration.
+/// A 4:3 size of about `mp` megapixels, multiple of 16 (12 → the standard 4000x3000 sample).
+fn sample_dims(mp: u32) -> (u32, u32) {
+    if mp == 12 {
+        return (cropfleet::sample::SAMPLE_WIDTH, cropfleet::sample::SAMPLE_HEIGHT);
+    }
+    let unit = ((mp.max(1) as f64 * 1e6 / 12.0).sqrt() / 4.0).round() as u32 * 4;
+    (unit * 4, unit * 3)
+}
+
+/// Queue URIs (tasks, results) for one configuration: a fresh spool folder, or for RabbitMQ
+/// `…?queue=BASE` → queues `BASE.{tag}` and `BASE.{tag}.results`.
 fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(String, String)> {
     match base {
         None => {
@@ -145,8 +169,23 @@ fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(Stri
             let root = b.trim_start_matches("spool:").trim_start_matches("//");
             Ok((format!("spool:{root}/{tag}/tasks"), format!("spool:{root}/{tag}/results")))
         }
+        Some(b) if b.starts_with("amqp://") => {
+            let QueueUri::Amqp { queue, .. } = QueueUri::parse(b)? else { unreachable!("amqp:// parses as Amqp") };
+            Ok((
+                amqp::uri_with_queue(b, &format!("{queue}.{tag}"))?,
+                amqp::uri_with_queue(b, &format!("{queue}.{tag}.results"))?,
+            ))
+        }
         Some(other) => bail!("sweep cannot derive per-configuration queues from {other:?}"),
     }
+}
+
+/// Remove what a previous run left in a configuration's queues (spool folders are fresh anyway).
+async fn clear_queue(uri: &str) -> anyhow::Result<()> {
+    if uri.starts_with("amqp://") {
+        amqp::Amqp::from_uri(uri)?.delete_topology().await.with_context(|| format!("clearing {uri}"))?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -166,7 +205,12 @@ async fn run_config(
     let dir = work.join(&tag);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let (tasks_uri, results_uri) = queues_for(a.queue.as_deref(), &dir, &tag)?;
+    let (tasks_uri, results_uri) = match a.launcher.fixed_queues(a.queue.as_deref()) {
+        Some(fixed) => fixed,
+        None => queues_for(a.queue.as_deref(), &dir, &tag)?,
+    };
+    clear_queue(&tasks_uri).await?;
+    clear_queue(&results_uri).await?;
     let tasks_q = queue::open(&tasks_uri).await?;
     let results_q = queue::open(&results_uri).await?;
     tasks_q.setup().await?;
@@ -177,7 +221,7 @@ async fn run_config(
     let template = Template {
         image: image.to_string(),
         crops: produce::crops_spec(crops)?,
-        output: dir.join("out").display().to_string(),
+        output: a.launcher.output_for(&tag).unwrap_or_else(|| dir.join("out").display().to_string()),
         quality: Some(a.quality),
     };
     let payloads: Vec<Vec<u8>> =
@@ -187,8 +231,19 @@ async fn run_config(
         bail!("enqueueing stopped after {n} of {}: {e}", a.tasks);
     }
 
+    let scale = crate::launcher::Scale {
+        processes: cfg.processes,
+        threads: cfg.threads,
+        prefetch: a.prefetch,
+        upload_concurrency: a.upload_concurrency,
+        queue: &tasks_uri,
+        results: &results_uri,
+        tag: &tag,
+        run_id: &run_id,
+    };
+    let external = a.launcher.scale(&scale).await?;
     let mut workers = Vec::new();
-    for w in 0..cfg.processes {
+    for w in (0..cfg.processes).filter(|_| external.is_none()) {
         workers.push(spawn_worker(
             a,
             cfg,
@@ -205,14 +260,26 @@ async fn run_config(
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("{}/{} {} proc x {} thr", index + 1, of, cfg.processes, cfg.threads));
-    let collected =
-        collect_results(&*results_q, a.tasks, &mut workers, &bar, Duration::from_secs_f64(a.stall_secs)).await;
+    let collected = collect_results(
+        &*results_q,
+        &run_id,
+        a.tasks,
+        &mut workers,
+        external.is_some(),
+        &bar,
+        Duration::from_secs_f64(a.stall_secs),
+    )
+    .await;
     bar.finish_and_clear();
-    let usage = stop_workers(workers).await;
+    let (usage, stopped) = match external {
+        Some(fleet) => (Usage { cpu_seconds: 0.0, peak_rss_bytes: 0 }, fleet.stop().await),
+        None => (stop_workers(workers).await, Ok(())),
+    };
     let collector = collected?;
+    stopped?;
     let record = collector.record(
         RunRecord {
-            label: a.label.clone(),
+            label: a.label.clone().unwrap_or_else(|| tasks_q.backend().to_string()),
             backend: tasks_q.backend().into(),
             storage: storage.into(),
             mode: mode_of(&a.worker_args),
@@ -220,7 +287,10 @@ async fn run_config(
             threads: cfg.threads,
             upload_concurrency: a.upload_concurrency,
             prefetch: a.prefetch,
-            cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            cores: a
+                .launcher
+                .cores()
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)),
             peak_rss_mib: usage.peak_rss_bytes as f64 / (1024.0 * 1024.0),
             ..Default::default()
         },
@@ -233,6 +303,8 @@ async fn run_config(
     if !a.keep_outputs {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    clear_queue(&tasks_uri).await?;
+    clear_queue(&results_uri).await?;
     Ok(record)
 }
 
@@ -269,8 +341,10 @@ fn spawn_worker(
 
 async fn collect_results(
     results: &dyn Queue,
+    run_id: &str,
     expect: usize,
     workers: &mut [Child],
+    external: bool,
     bar: &ProgressBar,
     stall: Duration,
 ) -> anyhow::Result<RunCollector> {
@@ -281,7 +355,8 @@ async fn collect_results(
         match consumer.next(Duration::from_millis(200)).await? {
             Some(d) => {
                 let ev = ResultEvent::parse(&d.payload).context("a worker published a malformed result event")?;
-                if c.add(ev) {
+                // A shared results queue (an external fleet) may hold events of other runs.
+                if ev.run_id.as_deref() == Some(run_id) && c.add(ev) {
                     last_progress = Instant::now();
                     bar.set_position(c.len() as u64);
                     bar.set_message(format!("{:.2} tasks/s", c.rate()));
@@ -290,7 +365,7 @@ async fn collect_results(
             }
             None => {
                 let alive = workers.iter_mut().map(|w| w.try_wait()).filter(|r| matches!(r, Ok(None))).count();
-                if alive == 0 {
+                if alive == 0 && !external {
                     bail!("every worker exited with {} of {expect} tasks done; see the worker logs", c.len());
                 }
                 if last_progress.elapsed() > stall {

@@ -110,6 +110,10 @@ struct Ctx {
     storage: Storage,
     pool: rayon::ThreadPool,
     uploads: Arc<Semaphore>,
+    /// One permit per pool thread: at most `threads` CPU jobs exist at once, so a pool thread
+    /// waiting inside one task's parallel encode cannot start yet another task's decode, and
+    /// decoded buffers stay bounded by `threads`.
+    cpu_jobs: Arc<Semaphore>,
     state: Arc<WorkerState>,
 }
 
@@ -132,7 +136,8 @@ impl Worker {
             .build()
             .map_err(std::io::Error::other)?;
         let uploads = Arc::new(Semaphore::new(cfg.upload_concurrency.max(1)));
-        let ctx = Ctx { cfg, results, storage, pool, uploads, state: Arc::default() };
+        let cpu_jobs = Arc::new(Semaphore::new(cfg.threads.max(1)));
+        let ctx = Ctx { cfg, results, storage, pool, uploads, cpu_jobs, state: Arc::default() };
         Ok(Worker { ctx: Arc::new(ctx), queue })
     }
 
@@ -193,7 +198,7 @@ impl Worker {
                     state.ready.store(false, Ordering::SeqCst);
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "receiving from the queue failed");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
@@ -364,7 +369,9 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let (max_pixels, max_crops) = (cfg.max_pixels, cfg.max_crops);
     let boxes = Arc::new(boxes);
     let cpu_boxes = boxes.clone();
+    let cpu_permit = ctx.cpu_jobs.clone().acquire_owned().await.expect("semaphore never closed");
     ctx.pool.spawn(move || {
+        let _permit = cpu_permit;
         gauge!(tm::CPU_BUSY).increment(1.0);
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<CpuDone, TaskError> {
             let t = Instant::now();
