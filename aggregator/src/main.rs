@@ -1,10 +1,12 @@
 //! `cropfleet-aggregator`: turn result events into throughput records.
 //! - `sweep`: run a grid of fleet configurations (worker processes × threads) on one workload,
-//!   starting real `cropfleet-worker` processes, and record each run;
+//!   starting real `cropfleet-worker` processes (or, with `--launcher command`, scaling a compose or
+//!   Kubernetes fleet through shell templates), and record each run;
 //! - `collect`: record runs from a results queue fed by a fleet running elsewhere;
 //! - `report`: redraw the table and pictures from `runs.json` files of earlier runs.
 
 mod collect;
+mod launcher;
 mod plot;
 mod sweep;
 
@@ -29,7 +31,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run every configuration of a grid on the same workload and record each run.
-    Sweep(sweep::SweepArgs),
+    Sweep(Box<sweep::SweepArgs>),
     /// Consume result events from a queue and record the runs they belong to.
     Collect(collect::CollectArgs),
     /// Redraw the table and pictures from runs.json files (e.g. spool vs RabbitMQ side by side).
@@ -50,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         match args.cmd {
-            Cmd::Sweep(a) => sweep::run(a).await,
+            Cmd::Sweep(a) => sweep::run(*a).await,
             Cmd::Collect(a) => collect::run(a).await,
             Cmd::Report { runs, out } => report(&runs, &out),
         }
