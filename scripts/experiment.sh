@@ -96,8 +96,13 @@ if [ "$target" = compose ]; then
   dc=(docker compose -f "$repo/docker-compose.yml" --env-file "$repo/deploy/compose/$backend.env")
   dcs="docker compose -f $(q "$repo/docker-compose.yml") --env-file $(q "$repo/deploy/compose/$backend.env")"
   if [ "$backend" = rabbitmq ]; then
-    host_q="amqp://${RABBITMQ_USER:-cropfleet}:${RABBITMQ_PASSWORD:-cropfleet}@127.0.0.1:${RABBITMQ_PORT:-5672}/%2f?queue=crops"
-    sweep+=(--queue "$host_q" --results "${host_q}.results")
+    # The queues the compose workers use (TASKS_URI / RESULTS_URI, as docker-compose.yml
+    # defaults them), reached through the published port.
+    creds="${RABBITMQ_USER:-cropfleet}:${RABBITMQ_PASSWORD:-cropfleet}"
+    fleet_q=${TASKS_URI:-amqp://$creds@rabbitmq:5672/%2f?queue=crops}
+    fleet_r=${RESULTS_URI:-amqp://$creds@rabbitmq:5672/%2f?queue=crops.results}
+    to_host() { sed -E "s#@rabbitmq:5672/#@127.0.0.1:${RABBITMQ_PORT:-5672}/#" <<<"$1"; }
+    sweep+=(--queue "$(to_host "$fleet_q")" --results "$(to_host "$fleet_r")")
   else
     export PUBSUB_EMULATOR_HOST=127.0.0.1:${PUBSUB_PORT:-8085}
     sweep+=(--queue pubsub://cropfleet-local/crops --results pubsub://cropfleet-local/crops-results)
