@@ -547,6 +547,50 @@ def check_dockerfile(path: str, port: int) -> None:
     checked.append(f"{path}: {len(stages)} stages, non-root runtime")
 
 
+def check_dockerfile_layers(path: str) -> None:
+    """The dependency layer: every workspace member's manifest is copied, and the stub step
+    creates every target file those manifests declare (cargo refuses to read them otherwise)."""
+    import shutil
+    import tomllib
+
+    text = open(path).read()
+    root = os.path.dirname(os.path.abspath(path))
+    ws = tomllib.load(open(os.path.join(root, "Cargo.toml"), "rb"))
+    members = ws.get("workspace", {}).get("members", [])
+    for m in members:
+        if not re.search(rf"^COPY {re.escape(m)}/Cargo.toml ", text, re.M):
+            err(path, f"the dependency layer does not copy {m}/Cargo.toml")
+        if not re.search(rf"^COPY {re.escape(m)}/ ", text, re.M):
+            err(path, f"does not copy the sources of workspace member {m}")
+    m = re.search(r"^RUN (mkdir -p [^\n]*?(?:\\\n[^\n]*?)*?) \\\n && cargo build", text, re.M)
+    if not m:
+        err(path, "no stub step (RUN mkdir … && cargo build) found in the dependency layer")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(os.path.join(root, "Cargo.toml"), d)
+        for mem in members:
+            os.makedirs(os.path.join(d, mem))
+            shutil.copy(os.path.join(root, mem, "Cargo.toml"), os.path.join(d, mem))
+        run = subprocess.run(["bash", "-o", "pipefail", "-c", m.group(1)], cwd=d, capture_output=True, text=True)
+        if run.returncode != 0:
+            err(path, f"the stub step fails: {run.stderr.strip()}")
+            return
+        for mem in members:
+            man = tomllib.load(open(os.path.join(root, mem, "Cargo.toml"), "rb"))
+            wanted = [t.get("path") or f"src/bin/{t['name']}.rs" for t in man.get("bin", [])]
+            wanted += [t.get("path") or f"benches/{t['name']}.rs" for t in man.get("bench", [])]
+            wanted += [t.get("path") or f"tests/{t['name']}.rs" for t in man.get("test", [])]
+            wanted += [t.get("path") or f"examples/{t['name']}.rs" for t in man.get("example", [])]
+            if "lib" in man or os.path.exists(os.path.join(root, mem, "src/lib.rs")):
+                wanted.append((man.get("lib") or {}).get("path") or "src/lib.rs")
+            if not man.get("bin") and os.path.exists(os.path.join(root, mem, "src/main.rs")):
+                wanted.append("src/main.rs")
+            for w in wanted:
+                if not os.path.exists(os.path.join(d, mem, w)):
+                    err(path, f"the stub step does not create {mem}/{w}, which {mem}/Cargo.toml declares")
+    checked.append(f"{path}: dependency layer copies {len(members)} manifests and stubs every declared target")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", required=True)
@@ -558,6 +602,7 @@ def main() -> int:
     port, shutdown = worker_port_and_paths(clis, a.bin_dir) if clis else (9090, 25)
     if a.dockerfile:
         check_dockerfile(a.dockerfile, port)
+        check_dockerfile_layers(a.dockerfile)
     for spec in a.compose:
         name, _, path = spec.partition("=")
         check_compose(name, json.load(open(path)), clis, port, shutdown)
