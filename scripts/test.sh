@@ -20,3 +20,5 @@ else
 fi
 echo "== doc tests"
 cargo test --workspace --doc --quiet
+echo "== deployment files (offline)"
+scripts/validate-deploy.sh
