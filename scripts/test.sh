@@ -13,6 +13,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
+cargo build --workspace --bins --quiet
+export CROPFLEET_TEST_BINS_BUILT=1
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -15,6 +15,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
     BUILT.get_or_init(|| {
+        // scripts/test.sh builds every binary before the tests and sets this, so parallel
+        // tests do not queue on cargo's build lock.
+        if std::env::var_os("CROPFLEET_TEST_BINS_BUILT").is_some() {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
@@ -136,4 +141,25 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 /// A small photo-like workload (800x600, `crops` boxes) in `dir`.
 pub fn workload(dir: &Path, crops: usize) -> cropfleet::sample::Workload {
     cropfleet::sample::write_workload_sized(dir, 800, 600, crops).unwrap()
+}
+
+/// The broker lock shared with `shared/tests/rabbitmq.rs`: tests that restart RabbitMQ hold it
+/// exclusively, every other RabbitMQ test holds it shared.
+pub struct BrokerLock(std::fs::File);
+
+pub fn broker_lock(exclusive: bool) -> BrokerLock {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/tmp/cropfleet-rabbitmq-tests.lock")
+        .expect("lock file");
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), op) }, 0);
+    BrokerLock(f)
+}
+
+/// A RabbitMQ URI for a fresh queue name unique to this test.
+pub fn amqp_uri(prefix: &str) -> String {
+    format!("amqp://guest:guest@127.0.0.1:5672/%2f?queue={prefix}-{}&heartbeat=5", uuid::Uuid::new_v4().simple())
 }
