@@ -14,6 +14,7 @@ pub mod crops;
 pub mod engine;
 pub mod error;
 pub mod exif;
+pub mod gcp;
 pub mod logging;
 pub mod produce;
 pub mod queue;

@@ -43,9 +43,15 @@ struct Args {
     /// Largest source image accepted, in pixels (checked from the header, before decoding).
     #[arg(long, env = "CROPFLEET_MAX_PIXELS", default_value_t = engine::DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
-    /// Largest source file accepted, in bytes.
+    /// Largest source file accepted, in bytes. Sources (image, crops CSV) may be local paths,
+    /// gs://bucket/key or http(s):// URLs; outputs local paths or gs://bucket/prefix. gs:// uses
+    /// Application Default Credentials, or the emulator named by STORAGE_EMULATOR_HOST.
     #[arg(long, env = "CROPFLEET_MAX_SOURCE_BYTES", default_value_t = storage::DEFAULT_MAX_SOURCE_BYTES)]
     max_source_bytes: u64,
+    /// Let http(s):// sources reach loopback, private and link-local addresses. Off by default:
+    /// such sources (also as redirect targets) are refused and dead-lettered.
+    #[arg(long, env = "CROPFLEET_ALLOW_PRIVATE_SOURCES")]
+    allow_private_sources: bool,
     /// Most crops in one task.
     #[arg(long, env = "CROPFLEET_MAX_CROPS", default_value_t = cropfleet::crops::DEFAULT_MAX_CROPS)]
     max_crops: usize,
@@ -112,7 +118,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tasks = queue::open(&args.queue).await.with_context(|| format!("opening task queue {}", args.queue))?;
     let results =
         queue::open(&args.results).await.with_context(|| format!("opening results queue {}", args.results))?;
-    let storage = cropfleet::storage::Storage::local_only();
+    let storage =
+        storage::Storage::from_env(storage::StorageOptions { allow_private_sources: args.allow_private_sources })
+            .context("setting up storage")?;
     let worker = Worker::new(cfg, tasks, results, storage).context("starting the CPU pool")?;
     if args.http_addr != "off" {
         let addr: SocketAddr = args.http_addr.parse().with_context(|| format!("--http-addr {:?}", args.http_addr))?;

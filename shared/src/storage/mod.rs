@@ -1,7 +1,10 @@
 //! Storage: read sources and crop lists, write crops. One [`Storage`] facade dispatches by
-//! [`Location`] to a backend behind the [`ObjectStore`] trait: local disk ([`local`]), and the
-//! read-only HTTP(S) and Google Cloud Storage backends where configured.
+//! [`Location`] to a backend behind the [`ObjectStore`] trait: local disk ([`local`]), Google
+//! Cloud Storage for `gs://` ([`gcs`]) and read-only `http(s)://` sources ([`http`]).
+//! [`Storage::from_env`] builds all three the way the binaries use them.
 
+pub mod gcs;
+pub mod http;
 pub mod local;
 
 use std::path::PathBuf;
@@ -153,7 +156,25 @@ impl Default for Storage {
     }
 }
 
+/// What [`Storage::from_env`] takes from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct StorageOptions {
+    /// Let `http(s)://` sources reach loopback, private and link-local addresses
+    /// (`--allow-private-sources`); off by default (SSRF guard, see [`http`]).
+    pub allow_private_sources: bool,
+}
+
 impl Storage {
+    /// Local disk, `gs://` and `http(s)://`, as the binaries use them. Google Cloud Storage goes to
+    /// the emulator named by `STORAGE_EMULATOR_HOST` when set, else to the real service with
+    /// Application Default Credentials; its client is built on the first `gs://` call, so a
+    /// local-only run never looks for credentials.
+    pub fn from_env(opts: StorageOptions) -> Result<Storage, StorageError> {
+        crate::gcp::install_crypto_provider();
+        let http = http::HttpStore::new(opts.allow_private_sources)?;
+        Ok(Storage::local_only().with_gcs(Arc::new(gcs::GcsStore::from_env())).with_http(Arc::new(http)))
+    }
+
     /// Local disk only; `gs://` and `http(s)://` are rejected with a clear error.
     pub fn local_only() -> Storage {
         Storage { local: Arc::new(local::LocalStore), gcs: None, http: None }
@@ -183,10 +204,12 @@ impl Storage {
         }
     }
 
+    /// Read a whole object, refusing objects over `max_bytes`.
     pub async fn get(&self, loc: &Location, max_bytes: u64) -> Result<Vec<u8>, StorageError> {
         self.backend(loc)?.get(loc, max_bytes).await
     }
 
+    /// Write (create or overwrite) an object; `http(s)://` is read-only.
     pub async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError> {
         if let Location::Http(u) = loc {
             return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
@@ -203,6 +226,7 @@ impl Storage {
         self.backend(first)?.put_many(items).await
     }
 
+    /// Names of the objects under a prefix (a folder), relative to it, sorted.
     pub async fn list(&self, prefix: &Location) -> Result<Vec<String>, StorageError> {
         self.backend(prefix)?.list(prefix).await
     }
