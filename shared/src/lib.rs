@@ -16,6 +16,7 @@ pub mod error;
 pub mod exif;
 pub mod gcp;
 pub mod logging;
+pub mod lossless;
 pub mod produce;
 pub mod queue;
 pub mod sample;
