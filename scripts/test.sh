@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 scripts/services.sh start
+# Pub/Sub emulator + fake-gcs-server on free loopback ports; exports PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST.
+eval "$(scripts/emulators.sh start)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use cropfleet::produce::{self, Template};
 use cropfleet::queue::{self, amqp, ConsumerOptions, Queue, QueueUri};
 use cropfleet::stats::{RunCollector, RunRecord};
-use cropfleet::task::ResultEvent;
+use cropfleet::task::{CropMode, ResultEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -30,6 +30,9 @@ pub struct SweepArgs {
     /// Crops CSV (header x,y,w,h) [default: the generated 50-box list].
     #[arg(long, env = "CROPFLEET_CROPS", requires = "image")]
     pub crops: Option<String>,
+    /// Crop modes to run, each over the whole grid: decode, lossless (tasks carry the mode).
+    #[arg(long, env = "CROPFLEET_CROP_MODES", value_delimiter = ',', default_value = "decode")]
+    pub crop_modes: Vec<CropMode>,
     /// Size of the generated sample in megapixels (4:3; e.g. 50 for a memory check).
     #[arg(long, env = "CROPFLEET_SAMPLE_MP", default_value_t = 12)]
     pub sample_mp: u32,
@@ -79,11 +82,15 @@ pub struct SweepArgs {
 struct Config {
     processes: u32,
     threads: u32,
+    mode: CropMode,
 }
 
 impl Config {
     fn tag(&self) -> String {
-        format!("p{}t{}", self.processes, self.threads)
+        match self.mode {
+            CropMode::Decode => format!("p{}t{}", self.processes, self.threads),
+            mode => format!("p{}t{}-{mode}", self.processes, self.threads),
+        }
     }
 }
 
@@ -122,8 +129,14 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let work = std::fs::canonicalize(&work)?;
     let storage = a.launcher.storage().unwrap_or_else(|| fs_kind(&work));
-    let configs: Vec<Config> =
-        a.processes.iter().flat_map(|&p| a.threads.iter().map(move |&t| Config { processes: p, threads: t })).collect();
+    let mut configs = Vec::new();
+    for &mode in &a.crop_modes {
+        for &processes in &a.processes {
+            for &threads in &a.threads {
+                configs.push(Config { processes, threads, mode });
+            }
+        }
+    }
     eprintln!(
         "sweep: {} configurations x {} tasks; worker {}; queues and crops in {} ({storage})",
         configs.len(),
@@ -223,6 +236,7 @@ async fn run_config(
         crops: produce::crops_spec(crops)?,
         output: a.launcher.output_for(&tag).unwrap_or_else(|| dir.join("out").display().to_string()),
         quality: Some(a.quality),
+        crop_mode: Some(cfg.mode),
     };
     let payloads: Vec<Vec<u8>> =
         (0..a.tasks).map(|i| produce::task_from_template(&template, &run_id, i).to_json()).collect();
@@ -279,10 +293,14 @@ async fn run_config(
     stopped?;
     let record = collector.record(
         RunRecord {
-            label: a.label.clone().unwrap_or_else(|| tasks_q.backend().to_string()),
+            label: match (&a.label, cfg.mode) {
+                (Some(l), _) => l.clone(),
+                (None, CropMode::Decode) if a.crop_modes.len() == 1 => tasks_q.backend().to_string(),
+                (None, mode) => format!("{}-{mode}", tasks_q.backend()),
+            },
             backend: tasks_q.backend().into(),
             storage: storage.into(),
-            mode: mode_of(&a.worker_args),
+            mode: cfg.mode.to_string(),
             processes: cfg.processes,
             threads: cfg.threads,
             upload_concurrency: a.upload_concurrency,
@@ -306,13 +324,6 @@ async fn run_config(
     clear_queue(&tasks_uri).await?;
     clear_queue(&results_uri).await?;
     Ok(record)
-}
-
-fn mode_of(worker_args: &[String]) -> String {
-    worker_args
-        .iter()
-        .find_map(|a| a.strip_prefix("--crop-mode=").map(str::to_string))
-        .unwrap_or_else(|| "decode".into())
 }
 
 fn spawn_worker(

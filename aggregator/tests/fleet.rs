@@ -263,3 +263,60 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     png.extend_from_slice(&[0, 0, 0, 0]);
     png
 }
+
+#[test]
+fn lossless_mode_snaps_boxes_and_falls_back_for_png() {
+    let mut f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let (img, crops, out) = (w.image.display().to_string(), w.crops.display().to_string(), f.out.display().to_string());
+    let png = f.path("source.png");
+    image::open(&w.image).unwrap().save(&png).unwrap();
+    let png = png.display().to_string();
+    for (image, run) in [(&img, "jpg"), (&png, "png")] {
+        run_ok(
+            "cropfleet-producer",
+            &[
+                "--queue",
+                &f.tasks,
+                "--image",
+                image,
+                "--crops",
+                &crops,
+                "--output",
+                &out,
+                "--repeat",
+                "3",
+                "--run-id",
+                run,
+                "--crop-mode",
+                "lossless",
+            ],
+        );
+    }
+    f.start_worker(&["--threads", "2", "--exit-when-idle", "1"]);
+    assert!(f.workers[0].wait().unwrap().success(), "{}", f.logs());
+    assert_eq!(f.outputs().len(), 6 * CROPS);
+    let events: Vec<serde_json::Value> = f
+        .spool_files("results", "ready")
+        .iter()
+        .map(|n| serde_json::from_slice(&std::fs::read(f.path("results/ready").join(n)).unwrap()).unwrap())
+        .collect();
+    assert_eq!(events.len(), 6);
+    let boxes = cropfleet::crops::parse_csv(&std::fs::read_to_string(&w.crops).unwrap()).unwrap();
+    for ev in &events {
+        if ev["run_id"] == "jpg" {
+            assert_eq!(ev["mode"], "lossless", "{ev}");
+            let written: Vec<cropfleet::CropBox> = serde_json::from_value(ev["written_boxes"].clone()).unwrap();
+            for (b, wb) in boxes.iter().zip(&written) {
+                assert!(wb.x <= b.x && wb.y <= b.y && wb.x % 8 == 0 && wb.y % 8 == 0, "{b} -> {wb}");
+                assert!(wb.x + wb.w >= b.x + b.w && wb.y + wb.h >= b.y + b.h, "{b} -> {wb}");
+            }
+            // The crop on disk has the snapped size.
+            let first = image::open(f.out.join(ev["task_id"].as_str().unwrap()).join("000.jpg")).unwrap();
+            assert_eq!((first.width() as i64, first.height() as i64), (written[0].w, written[0].h));
+        } else {
+            assert_eq!(ev["mode"], "decode", "{ev}");
+            assert!(ev["fallback"].as_str().unwrap().contains("JPEG"), "{ev}");
+        }
+    }
+}

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use cropfleet::queue::{self, amqp::Amqp, Queue};
+use cropfleet::queue::{self, amqp::Amqp};
 
 const CROPS: usize = 8;
 

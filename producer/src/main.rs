@@ -54,6 +54,9 @@ struct Enqueue {
     /// JPEG quality for these tasks [default: the worker's].
     #[arg(long, env = "CROPFLEET_QUALITY", value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: Option<u8>,
+    /// Crop mode for these tasks: decode or lossless [default: the worker's].
+    #[arg(long, env = "CROPFLEET_CROP_MODE")]
+    crop_mode: Option<cropfleet::task::CropMode>,
     /// JSONL manifest, one task object per line ("-" = stdin); v, id and run_id are filled in.
     #[arg(long, env = "CROPFLEET_MANIFEST", conflicts_with_all = ["image", "crops", "output"])]
     manifest: Option<String>,
@@ -98,6 +101,7 @@ async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
                 crops: produce::crops_spec(a.crops.as_deref().expect("required by clap")).context("--crops")?,
                 output: a.output.clone().expect("required by clap"),
                 quality: a.quality,
+                crop_mode: a.crop_mode,
             };
             (0..a.repeat)
                 .map(|i| {

@@ -3,7 +3,7 @@
 
 use crate::crops::{self, CropBox};
 use crate::error::TaskError;
-use crate::task::{CropsSpec, Task, TASK_VERSION};
+use crate::task::{CropMode, CropsSpec, Task, TASK_VERSION};
 use crate::util::now_ms;
 
 /// A run id from the clock: `run-{unix_ms}` (unique per run, sortable).
@@ -32,6 +32,8 @@ pub struct Template {
     pub crops: CropsSpec,
     pub output: String,
     pub quality: Option<u8>,
+    /// Crop mode stamped on every task (`None`: the worker's default).
+    pub crop_mode: Option<CropMode>,
 }
 
 /// Task `index` of run `run_id`: id `{run_id}-{index:06}`.
@@ -44,7 +46,7 @@ pub fn task_from_template(t: &Template, run_id: &str, index: usize) -> Task {
         crops: t.crops.clone(),
         output: t.output.clone(),
         quality: t.quality,
-        crop_mode: None,
+        crop_mode: t.crop_mode,
         enqueued_ms: Some(now_ms()),
     }
 }

@@ -259,6 +259,8 @@ mod tests {
             bytes: 1000,
             output: "o".into(),
             mode: CropMode::Decode,
+            fallback: None,
+            written_boxes: None,
             width: 10,
             height: 10,
             started_ms: start,

@@ -33,6 +33,29 @@ pub enum CropMode {
     /// Decode once, cut, re-encode every crop as JPEG (default).
     #[default]
     Decode,
+    /// JPEG sources only: cut in the DCT domain, no decode, no re-encode, no generation loss;
+    /// boxes snap outward to the iMCU grid. Other sources fall back to `decode`.
+    Lossless,
+}
+
+impl std::str::FromStr for CropMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "decode" => Ok(CropMode::Decode),
+            "lossless" => Ok(CropMode::Lossless),
+            other => Err(format!("unknown crop mode {other:?} (decode, lossless)")),
+        }
+    }
+}
+
+impl std::fmt::Display for CropMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CropMode::Decode => "decode",
+            CropMode::Lossless => "lossless",
+        })
+    }
 }
 
 /// One unit of work: cut every box of `crops` out of `image`, store them under `output`.
@@ -183,8 +206,14 @@ pub struct ResultEvent {
     pub bytes: u64,
     /// Where the crops are: `{output}/{task_id}`.
     pub output: String,
-    /// How the crops were made (`decode`).
+    /// How the crops were made (`decode` or `lossless`).
     pub mode: CropMode,
+    /// Why a task that asked for `lossless` was decoded instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Lossless mode: the boxes actually written (snapped outward to the iMCU grid), in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_boxes: Option<Vec<CropBox>>,
     /// Source image size as displayed (after EXIF orientation).
     pub width: u32,
     pub height: u32,
@@ -322,7 +351,9 @@ mod schema_tests {
             crops: 1,
             bytes: 1,
             output: "o".into(),
-            mode: CropMode::Decode,
+            mode: CropMode::Lossless,
+            fallback: Some("f".into()),
+            written_boxes: Some(vec![CropBox { x: 0, y: 0, w: 1, h: 1 }]),
             width: 1,
             height: 1,
             started_ms: 1,

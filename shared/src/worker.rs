@@ -16,6 +16,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::crops::{self, CropBox};
 use crate::engine;
 use crate::error::{Failure, TaskError};
+use crate::lossless;
 use crate::queue::{ConsumerOptions, Delivery, Queue, QueueError};
 use crate::storage::{Location, Storage};
 use crate::task::{CropMode, CropsSpec, ResultEvent, StageTimes, Task, RESULT_VERSION};
@@ -49,6 +50,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Identity in result events and logs.
     pub worker_id: String,
+    /// Crop mode when a task names none.
+    pub crop_mode: CropMode,
 }
 
 impl Default for WorkerConfig {
@@ -68,6 +71,7 @@ impl Default for WorkerConfig {
             exit_when_idle: None,
             shutdown_timeout: Duration::from_secs(25),
             worker_id: default_worker_id(),
+            crop_mode: CropMode::Decode,
         }
     }
 }
@@ -337,7 +341,14 @@ struct CpuDone {
     encode: Duration,
     width: u32,
     height: u32,
+    mode: CropMode,
+    fallback: Option<String>,
+    written: Option<Vec<CropBox>>,
 }
+
+/// Crops per message from the CPU pool to the uploader in lossless mode (all crops of a task
+/// come out of one libjpeg-turbo call at once).
+const LOSSLESS_BATCH: usize = 8;
 
 /// Run one task to the point where every crop is stored; returns its result event.
 async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, TaskError> {
@@ -362,6 +373,7 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     let download = t0.elapsed();
     crops::check_count(boxes.len(), cfg.max_crops)?;
     let quality = task.quality.unwrap_or(cfg.quality);
+    let mode = task.crop_mode.unwrap_or(cfg.crop_mode);
 
     // CPU: decode once, then encode crops in parallel; each crop flows back as soon as it is ready.
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(usize, Vec<u8>)>>();
@@ -378,6 +390,30 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
             let info = engine::probe(&img, max_pixels)?;
             let (w, h) = info.display_size();
             crops::validate(&cpu_boxes, w, h, max_crops)?;
+            let mut fallback = None;
+            if mode == CropMode::Lossless {
+                match lossless::can_transform(&img) {
+                    Ok(()) => {
+                        let crops = lossless::crop_all(&img, &cpu_boxes)?;
+                        let encode = t.elapsed();
+                        let written = crops.iter().map(|c| c.snapped).collect();
+                        let mut items = crops.into_iter().map(|c| c.jpeg).enumerate().peekable();
+                        while items.peek().is_some() {
+                            let _ = tx.send(items.by_ref().take(LOSSLESS_BATCH).collect());
+                        }
+                        return Ok(CpuDone {
+                            decode: Duration::ZERO,
+                            encode,
+                            width: w,
+                            height: h,
+                            mode,
+                            fallback: None,
+                            written: Some(written),
+                        });
+                    }
+                    Err(reason) => fallback = Some(reason),
+                }
+            }
             let decoded = engine::decode(&img, max_pixels)?;
             drop(img);
             let decode = t.elapsed();
@@ -385,7 +421,15 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
             engine::encode_all(&decoded, &cpu_boxes, quality, |batch| {
                 let _ = tx.send(batch);
             })?;
-            Ok(CpuDone { decode, encode: t.elapsed(), width: decoded.width, height: decoded.height })
+            Ok(CpuDone {
+                decode,
+                encode: t.elapsed(),
+                width: decoded.width,
+                height: decoded.height,
+                mode: CropMode::Decode,
+                fallback,
+                written: None,
+            })
         }));
         gauge!(tm::CPU_BUSY).decrement(1.0);
         let res = run.unwrap_or_else(|p| {
@@ -473,7 +517,9 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
         crops: boxes.len() as u32,
         bytes,
         output: out.to_string(),
-        mode: CropMode::Decode,
+        mode: cpu.mode,
+        fallback: cpu.fallback,
+        written_boxes: cpu.written,
         width: cpu.width,
         height: cpu.height,
         started_ms,

@@ -40,6 +40,11 @@ struct Args {
     /// JPEG quality of crops when a task gives none (1-100; 4:2:0 chroma).
     #[arg(long, env = "CROPFLEET_QUALITY", default_value_t = engine::DEFAULT_QUALITY, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: u8,
+    /// Crop mode when a task names none: decode (decode once, re-encode each crop) or lossless
+    /// (JPEG sources cut in the DCT domain, no re-encode; boxes snap outward to the 8/16 px
+    /// grid; other sources fall back to decode and the result event says why).
+    #[arg(long, env = "CROPFLEET_CROP_MODE", default_value = "decode")]
+    crop_mode: cropfleet::task::CropMode,
     /// Largest source image accepted, in pixels (checked from the header, before decoding).
     #[arg(long, env = "CROPFLEET_MAX_PIXELS", default_value_t = engine::DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
@@ -112,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         exit_when_idle: args.exit_when_idle.map(Duration::from_secs_f64),
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
         worker_id: args.worker_id.clone().unwrap_or(defaults.worker_id),
+        crop_mode: args.crop_mode,
         ..defaults
     };
     let metrics = http::install_metrics()?;
