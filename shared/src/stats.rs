@@ -209,7 +209,7 @@ pub fn cheapest_near_best(records: &[RunRecord]) -> Option<usize> {
 pub fn to_table(records: &[RunRecord]) -> String {
     let mark = cheapest_near_best(records);
     let mut s = format!(
-        "  {:<10} {:>4} {:>4} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}\n",
+        "  {:<16} {:>4} {:>4} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}\n",
         "label",
         "proc",
         "thr",
@@ -227,9 +227,9 @@ pub fn to_table(records: &[RunRecord]) -> String {
     for (i, r) in records.iter().enumerate() {
         let st = &r.stages_ms;
         s.push_str(&format!(
-            "{} {:<10} {:>4} {:>4} {:>6} {:>8.2} {:>8.2} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2}\n",
+            "{} {:<16} {:>4} {:>4} {:>6} {:>8.2} {:>8.2} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2}\n",
             if Some(i) == mark { "*" } else { " " },
-            truncate(&r.label, 10), r.processes, r.threads, r.tasks, r.wall_s, r.tasks_per_s, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
+            truncate(&r.label, 16), r.processes, r.threads, r.tasks, r.wall_s, r.tasks_per_s, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
             st.upload.p50, st.total.p95, r.cpu_s_per_task, r.tasks_per_s_per_core
         ));
     }
