@@ -6,6 +6,7 @@
 //! for messages that fail for good or too often.
 
 pub mod amqp;
+pub mod pubsub;
 pub mod spool;
 
 use std::path::PathBuf;
@@ -43,10 +44,19 @@ pub enum QueueUri {
         /// The work queue's name.
         queue: String,
     },
+    /// `pubsub://PROJECT/NAME[?options]` — Google Cloud Pub/Sub topic `NAME` ([`pubsub`]).
+    PubSub {
+        /// The Google Cloud project id.
+        project: String,
+        /// The queue name: topic `NAME`, subscription `NAME-workers`, dead letters `NAME-dead`.
+        name: String,
+        /// Batching, ack deadline, retry and dead-letter settings from the query.
+        options: pubsub::PubSubOptions,
+    },
 }
 
 impl QueueUri {
-    /// Parse `spool:PATH` or `amqp://user:pass@host:port/vhost?queue=NAME`.
+    /// Parse `spool:PATH`, `amqp://user:pass@host:port/vhost?queue=NAME` or `pubsub://PROJECT/NAME`.
     pub fn parse(uri: &str) -> Result<QueueUri, QueueError> {
         let bad = |reason: &str| QueueError::InvalidUri { uri: uri.into(), reason: reason.into() };
         if let Some(rest) = uri.strip_prefix("spool:") {
@@ -60,7 +70,11 @@ impl QueueUri {
             let (url, queue) = amqp::parse_uri(uri)?;
             return Ok(QueueUri::Amqp { url, queue });
         }
-        Err(bad("expected spool:PATH or amqp://user:pass@host:port/vhost?queue=NAME"))
+        if uri.starts_with("pubsub://") {
+            let (project, name, options) = pubsub::parse_uri(uri)?;
+            return Ok(QueueUri::PubSub { project, name, options });
+        }
+        Err(bad("expected spool:PATH, amqp://user:pass@host:port/vhost?queue=NAME or pubsub://PROJECT/NAME"))
     }
 }
 
@@ -162,6 +176,7 @@ pub async fn open(uri: &str) -> Result<Arc<dyn Queue>, QueueError> {
     match QueueUri::parse(uri)? {
         QueueUri::Spool(path) => Ok(Arc::new(spool::Spool::new(path))),
         QueueUri::Amqp { url, queue } => Ok(Arc::new(amqp::Amqp::new(url, &queue))),
+        QueueUri::PubSub { project, name, options } => Ok(Arc::new(pubsub::PubSub::new(&project, &name, options))),
     }
 }
 
