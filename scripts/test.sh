@@ -9,6 +9,7 @@ scripts/setup.sh
 scripts/services.sh start
 # Pub/Sub emulator + fake-gcs-server on free loopback ports; exports PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST.
 eval "$(scripts/emulators.sh start)"
+trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
