@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cropfleet::produce::{self, Template};
-use cropfleet::queue::{self, amqp, ConsumerOptions, Queue, QueueUri};
+use cropfleet::queue::{self, amqp, pubsub, ConsumerOptions, Queue, QueueUri};
 use cropfleet::stats::{RunCollector, RunRecord};
 use cropfleet::task::{CropMode, ResultEvent};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,7 +48,8 @@ pub struct SweepArgs {
     pub work_dir: Option<PathBuf>,
     /// Task queue base URI [default: a spool in the work folder]; each configuration gets its own
     /// queues derived from it (spool:ROOT → ROOT/p2t4/tasks; amqp://…?queue=crops → crops.p2t4
-    /// and crops.p2t4.results, deleted before and after the run).
+    /// and crops.p2t4.results, deleted before and after the run; pubsub://P/crops → topics
+    /// crops.p2t4 and crops.p2t4.results with their subscriptions, likewise).
     #[arg(long, env = "CROPFLEET_QUEUE")]
     pub queue: Option<String>,
     /// Tasks each worker holds at once (worker --prefetch).
@@ -171,8 +172,9 @@ fn sample_dims(mp: u32) -> (u32, u32) {
     (unit * 4, unit * 3)
 }
 
-/// Queue URIs (tasks, results) for one configuration: a fresh spool folder, or for RabbitMQ
-/// `…?queue=BASE` → queues `BASE.{tag}` and `BASE.{tag}.results`.
+/// Queue URIs (tasks, results) for one configuration: a fresh spool folder, for RabbitMQ
+/// `…?queue=BASE` → queues `BASE.{tag}` and `BASE.{tag}.results`, for Pub/Sub
+/// `pubsub://P/BASE` → topics `BASE.{tag}` and `BASE.{tag}.results` (with their subscriptions).
 fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(String, String)> {
     match base {
         None => {
@@ -189,6 +191,13 @@ fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(Stri
                 amqp::uri_with_queue(b, &format!("{queue}.{tag}.results"))?,
             ))
         }
+        Some(b) if b.starts_with("pubsub://") => {
+            let QueueUri::PubSub { name, .. } = QueueUri::parse(b)? else { unreachable!("pubsub:// parses as PubSub") };
+            Ok((
+                pubsub::uri_with_name(b, &format!("{name}.{tag}"))?,
+                pubsub::uri_with_name(b, &format!("{name}.{tag}.results"))?,
+            ))
+        }
         Some(other) => bail!("sweep cannot derive per-configuration queues from {other:?}"),
     }
 }
@@ -197,6 +206,9 @@ fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(Stri
 async fn clear_queue(uri: &str) -> anyhow::Result<()> {
     if uri.starts_with("amqp://") {
         amqp::Amqp::from_uri(uri)?.delete_topology().await.with_context(|| format!("clearing {uri}"))?;
+    }
+    if uri.starts_with("pubsub://") {
+        pubsub::PubSub::from_uri(uri)?.delete_all().await.with_context(|| format!("clearing {uri}"))?;
     }
     Ok(())
 }

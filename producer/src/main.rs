@@ -36,7 +36,7 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct Enqueue {
-    /// Task queue: spool:PATH or amqp://user:pass@host:5672/%2f?queue=NAME.
+    /// Task queue: spool:PATH, amqp://user:pass@host:5672/%2f?queue=NAME or pubsub://PROJECT/NAME.
     #[arg(long, env = "CROPFLEET_QUEUE", default_value = "spool:cropfleet-data/tasks")]
     queue: String,
     /// Source image: path, file://, gs:// or http(s)://.

@@ -19,7 +19,7 @@ use cropfleet::{engine, queue, storage};
 #[derive(Debug, Parser)]
 #[command(name = "cropfleet-worker", version)]
 struct Args {
-    /// Task queue: spool:PATH or amqp://user:pass@host:5672/%2f?queue=NAME.
+    /// Task queue: spool:PATH, amqp://user:pass@host:5672/%2f?queue=NAME or pubsub://PROJECT/NAME.
     #[arg(long, env = "CROPFLEET_QUEUE", default_value = "spool:cropfleet-data/tasks")]
     queue: String,
     /// Where result events go (same URI forms as --queue).

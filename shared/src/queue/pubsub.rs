@@ -98,6 +98,15 @@
 //! be missing from one reading; poll. Only REST is ever used on that subscription (the emulator
 //! misbehaves when one subscription is read both ways).
 //!
+//! # The emulator
+//! The Pub/Sub emulator (0.8.20, from the Google Cloud CLI) serves all of this with three gaps:
+//! it does not enforce flow control (a stream may be handed every waiting message); after
+//! `UpdateSubscription` changed the dead-letter policy it redelivers past the new limit and never
+//! forwards; and it fails in its stream-close path (`NoSuchMethodError` in its log) when a
+//! subscriber's stream or connection closes, after which it may keep dispatching to that dead
+//! stream and keep its messages leased for minutes. So on the emulator, stop or kill workers only
+//! when the queue is empty, and keep `max_attempts` equal to the workers' `--max-attempts`.
+//!
 //! # Endpoint and credentials
 //! With `PUBSUB_EMULATOR_HOST=HOST:PORT` every client talks plain HTTP to `http://HOST:PORT` with
 //! anonymous credentials (the 1.x crates do not read that variable themselves); otherwise they use
