@@ -194,13 +194,21 @@ thread_local! {
     static COMPRESSOR: RefCell<Option<(Compressor, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
+/// Run `f` with this thread's decompressor. A handle that reported an error is dropped, not
+/// reused: TurboJPEG leaves a failed header read half-done (libjpeg's state and its unread
+/// marker survive), so every later header on that handle failed the same way — one corrupt
+/// JPEG made its pool thread reject all good JPEGs after it (found by `tests/fuzz.rs`).
 fn with_decompressor<T>(f: impl FnOnce(&mut Decompressor) -> turbojpeg::Result<T>) -> turbojpeg::Result<T> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(Decompressor::new()?);
         }
-        f(slot.as_mut().expect("initialised above"))
+        let res = f(slot.as_mut().expect("initialised above"));
+        if res.is_err() {
+            *slot = None;
+        }
+        res
     })
 }
 
@@ -327,14 +335,22 @@ pub fn encode_rgb(image: Image<&[u8]>, quality: u8) -> turbojpeg::Result<Vec<u8>
             *slot = Some((c, Vec::new()));
         }
         let (c, out) = slot.as_mut().expect("initialised above");
-        c.set_quality(quality as i32)?;
-        let need = c.buf_len(image.width, image.height)?;
-        if out.len() < need {
-            out.resize(need, 0);
+        let res = compress(c, out, image, quality);
+        if res.is_err() {
+            *slot = None; // as for the decompressor: never reuse a handle after an error
         }
-        let n = c.compress_to_slice(image, out)?;
-        Ok(out[..n].to_vec())
+        res
     })
+}
+
+fn compress(c: &mut Compressor, out: &mut Vec<u8>, image: Image<&[u8]>, quality: u8) -> turbojpeg::Result<Vec<u8>> {
+    c.set_quality(quality as i32)?;
+    let need = c.buf_len(image.width, image.height)?;
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    let n = c.compress_to_slice(image, out)?;
+    Ok(out[..n].to_vec())
 }
 
 /// Cut and encode every box on the current rayon pool, handing finished crops to `sink` in
@@ -381,6 +397,17 @@ mod tests {
         assert!(decode(b"GIF89a....", 10).unwrap_err().to_string().contains("not a JPEG, PNG or WebP"));
         let truncated = &j[..j.len() / 2];
         assert!(decode(truncated, DEFAULT_MAX_PIXELS).unwrap_err().to_string().contains("JPEG"));
+    }
+
+    #[test]
+    fn a_bad_header_does_not_poison_the_thread_decompressor() {
+        let (j, _) = jpeg(64, 48);
+        let mut bad = j.clone();
+        bad[3] ^= 0x80; // APP0 marker 0xE0 -> 0x60: "Unsupported marker type"
+        assert!(probe(&bad, DEFAULT_MAX_PIXELS).is_err());
+        assert!(decode(&bad, DEFAULT_MAX_PIXELS).is_err());
+        probe(&j, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(decode(&j, DEFAULT_MAX_PIXELS).unwrap().width, 64);
     }
 
     #[test]

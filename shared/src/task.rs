@@ -156,6 +156,9 @@ pub fn validate_id(id: &str) -> Result<(), TaskError> {
 }
 
 /// Output prefixes may not climb out of themselves with `..` segments or carry NUL bytes.
+/// The check runs on the prefix as [`Location::parse`](crate::storage::Location::parse) reads
+/// it, surrounding whitespace trimmed: `" .."` is the parent folder too (found by
+/// `tests/fuzz.rs`).
 pub fn validate_output(output: &str) -> Result<(), TaskError> {
     let bad = |reason: String| Err(TaskError::InvalidField { field: "output", reason });
     if output.trim().is_empty() {
@@ -164,7 +167,8 @@ pub fn validate_output(output: &str) -> Result<(), TaskError> {
     if output.contains('\0') {
         return bad("contains a NUL byte".into());
     }
-    let path = output.split_once("://").map(|(_, rest)| rest).unwrap_or(output);
+    let trimmed = output.trim();
+    let path = trimmed.split_once("://").map(|(_, rest)| rest).unwrap_or(trimmed);
     if path.split(['/', '\\']).any(|seg| seg == "..") {
         return bad(format!("{output:?} contains a '..' segment"));
     }
@@ -291,7 +295,7 @@ mod tests {
             assert!(validate_id(id).is_err(), "{id:?}");
         }
         validate_id("run-2026.11_25-000001").unwrap();
-        for out in ["../up", "/data/../etc", "gs://b/../x", "a\\..\\b", "", "x\0y"] {
+        for out in ["../up", "/data/../etc", "gs://b/../x", "a\\..\\b", "", "x\0y", " ..", "..\n", "\u{a0}../x"] {
             assert!(validate_output(out).is_err(), "{out:?}");
         }
         validate_output("/data/out").unwrap();
