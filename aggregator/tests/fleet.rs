@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::poison::png_header;
 use common::*;
 
 const CROPS: usize = 12;
@@ -250,18 +251,6 @@ fn sweep_writes_table_csv_json_and_pictures() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).unwrap()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
-}
-
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    png.extend_from_slice(&13u32.to_be_bytes());
-    png.extend_from_slice(&ihdr);
-    png.extend_from_slice(&[0, 0, 0, 0]);
-    png
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! in a temporary folder, wait for conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod poison;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
