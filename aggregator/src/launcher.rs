@@ -52,8 +52,9 @@ pub struct LauncherArgs {
     /// `command` launcher: the results queue the fleet publishes to (required there).
     #[arg(long, env = "CROPFLEET_RESULTS")]
     pub results: Option<String>,
-    /// `command` launcher: output prefix the fleet writes crops under, as {output}/{tag}/…
-    /// (e.g. gs://bucket/sweep) [default: the work folder, which the fleet must see at the same path].
+    /// Output prefix the workers write crops under, as {output}/{tag}/… (e.g. gs://bucket/sweep,
+    /// for either launcher) [default: the work folder, which an external fleet must see at the
+    /// same path].
     #[arg(long, env = "CROPFLEET_OUTPUT")]
     pub output: Option<String>,
     /// `command` launcher: CPU cores the fleet may use, for tasks/s per core [default: this machine's].
@@ -104,7 +105,6 @@ impl LauncherArgs {
                 ("--scale-cmd", self.scale_cmd.is_some()),
                 ("--stop-cmd", self.stop_cmd.is_some()),
                 ("--results", self.results.is_some()),
-                ("--output", self.output.is_some()),
                 ("--fleet-cores", self.fleet_cores.is_some()),
             ] {
                 if set {
@@ -339,6 +339,7 @@ mod tests {
         a.launcher = LauncherKind::Local;
         assert!(a.validate(None).unwrap_err().to_string().contains("--stop-cmd belongs to --launcher command"));
         a.stop_cmd = None;
+        a.output = Some("gs://b/sweep".into());
         a.validate(None).unwrap();
         assert_eq!(a.fixed_queues(Some("spool:/q")), None);
     }

@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 use cropfleet::gcp;
 use cropfleet::storage::gcs::{GcsOptions, GcsStore};
@@ -15,24 +12,9 @@ use cropfleet::storage::{Location, ObjectStore};
 const CROPS: usize = 12;
 const TASKS: usize = 10;
 
-fn emulator_endpoint() -> String {
-    if let Some(ep) = gcp::emulator_host(gcp::STORAGE_EMULATOR_HOST) {
-        return ep;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/emulators.sh");
-    let out = Command::new(&script).arg("start").output().expect("running scripts/emulators.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "emulators.sh start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let host = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("export STORAGE_EMULATOR_HOST="))
-        .unwrap_or_else(|| panic!("no STORAGE_EMULATOR_HOST in:\n{stdout}"));
-    gcp::endpoint_url(host)
-}
-
 #[test]
 fn gcs_sources_and_outputs_with_two_workers() {
-    let endpoint = emulator_endpoint();
+    let endpoint = gcs_emulator_endpoint();
     // The only test in this binary: the workers inherit the variable.
     std::env::set_var(gcp::STORAGE_EMULATOR_HOST, &endpoint);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -209,7 +209,7 @@ pub fn cheapest_near_best(records: &[RunRecord]) -> Option<usize> {
 pub fn to_table(records: &[RunRecord]) -> String {
     let mark = cheapest_near_best(records);
     let mut s = format!(
-        "  {:<16} {:>4} {:>4} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}\n",
+        "  {:<16} {:>4} {:>4} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
         "label",
         "proc",
         "thr",
@@ -222,15 +222,18 @@ pub fn to_table(records: &[RunRecord]) -> String {
         "upl p50",
         "tot p95",
         "cpu_s/t",
-        "t/s/core"
+        "t/s/core",
+        "rss MiB"
     );
     for (i, r) in records.iter().enumerate() {
         let st = &r.stages_ms;
         s.push_str(&format!(
-            "{} {:<16} {:>4} {:>4} {:>6} {:>8.2} {:>8.2} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2}\n",
+            "{} {:<16} {:>4} {:>4} {:>6} {:>8.2} {:>8.2} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2} {:>8}\n",
             if Some(i) == mark { "*" } else { " " },
             truncate(&r.label, 16), r.processes, r.threads, r.tasks, r.wall_s, r.tasks_per_s, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
-            st.upload.p50, st.total.p95, r.cpu_s_per_task, r.tasks_per_s_per_core
+            st.upload.p50, st.total.p95, r.cpu_s_per_task, r.tasks_per_s_per_core,
+            // 0 = not measured (e.g. an external fleet).
+            if r.peak_rss_mib > 0.0 { format!("{:.0}", r.peak_rss_mib) } else { "-".into() }
         ));
     }
     if mark.is_some() {

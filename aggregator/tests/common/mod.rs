@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod poison;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -164,4 +165,22 @@ pub fn broker_lock(exclusive: bool) -> BrokerLock {
 /// A RabbitMQ URI for a fresh queue name unique to this test.
 pub fn amqp_uri(prefix: &str) -> String {
     format!("amqp://guest:guest@127.0.0.1:5672/%2f?queue={prefix}-{}&heartbeat=5", uuid::Uuid::new_v4().simple())
+}
+
+/// The Cloud Storage emulator's endpoint URL: `STORAGE_EMULATOR_HOST` when set, else started
+/// (or found running) by `scripts/emulators.sh start`.
+pub fn gcs_emulator_endpoint() -> String {
+    use cropfleet::gcp;
+    if let Some(ep) = gcp::emulator_host(gcp::STORAGE_EMULATOR_HOST) {
+        return ep;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/emulators.sh");
+    let out = Command::new(&script).arg("start").output().expect("running scripts/emulators.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "emulators.sh start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let host = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export STORAGE_EMULATOR_HOST="))
+        .unwrap_or_else(|| panic!("no STORAGE_EMULATOR_HOST in:\n{stdout}"));
+    gcp::endpoint_url(host)
 }
