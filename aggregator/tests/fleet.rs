@@ -132,6 +132,62 @@ fn poison_messages_are_dead_lettered_and_good_tasks_finish() {
 }
 
 #[test]
+fn gs_locations_on_a_worker_without_cloud_storage_are_dead_lettered_at_once() {
+    let f = Fleet::new();
+    let w = workload(f.dir.path(), 3);
+    let (img, crops, out) = (w.image.display().to_string(), w.crops.display().to_string(), f.out.display().to_string());
+    run_ok("cropfleet-producer", &["setup", "--queue", &f.tasks, "--results", &f.results]);
+    let lines = [
+        serde_json::json!({"v": 1, "id": "gs-out", "image": img, "crops": crops, "output": "gs://bkt/crops"}),
+        serde_json::json!({"v": 1, "id": "gs-in", "image": "gs://bkt/in/a.jpg", "crops": crops, "output": out}),
+        serde_json::json!({"v": 1, "id": "good", "image": img, "crops": crops, "output": out}),
+    ];
+    for (i, l) in lines.iter().enumerate() {
+        let name = format!("{i:013}-gs{i}.a1.json");
+        std::fs::write(f.path("tasks/tmp").join(&name), l.to_string()).unwrap();
+        std::fs::rename(f.path("tasks/tmp").join(&name), f.path("tasks/ready").join(&name)).unwrap();
+    }
+    // A local run: no emulator, no credentials, an empty HOME. On a Google Cloud machine the
+    // metadata server would count as credentials, so there the test checks `--gcs off` instead.
+    let home = f.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let home_s = home.display().to_string();
+    let on_gcp =
+        cropfleet::gcp::detect_credentials_in(&|k| (k == "HOME").then(|| home_s.clone()), std::path::Path::new("/"))
+            .is_some();
+    let mode = if on_gcp { "off" } else { "auto" };
+    let mut cmd = std::process::Command::new(bin("cropfleet-worker"));
+    cmd.args(["--queue", &f.tasks, "--results", &f.results, "--http-addr", "off", "--log-format", "json"])
+        .args(["--exit-when-idle", "1", "--max-attempts", "5", "--gcs", mode])
+        .env("HOME", &home)
+        .env("RUST_LOG", "info");
+    for k in ["STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "GCE_METADATA_HOST"] {
+        cmd.env_remove(k);
+    }
+    let run = cmd.output().unwrap();
+    let logs = String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{logs}");
+    assert!(logs.contains("Cloud Storage (gs://) not configured"), "{logs}");
+    let reasons: Vec<String> = f
+        .spool_files("tasks", "dead")
+        .iter()
+        .filter(|n| n.ends_with(".reason"))
+        .map(|n| std::fs::read_to_string(f.path("tasks/dead").join(n)).unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:#?}\n{logs}");
+    for uri in ["gs://bkt/crops", "gs://bkt/in/a.jpg"] {
+        let r =
+            reasons.iter().find(|r| r.contains(uri)).unwrap_or_else(|| panic!("no reason names {uri}: {reasons:#?}"));
+        assert!(r.contains("Cloud Storage is not configured for this worker"), "{r}");
+        assert!(!r.contains("gave up after"), "retried instead of dead-lettered at once: {r}");
+    }
+    // Dead-lettered on the first delivery: nothing retried, nothing left, the good task done.
+    assert!(!logs.contains("will retry"), "{logs}");
+    assert!(f.spool_files("tasks", "ready").is_empty() && f.spool_files("tasks", "inflight").is_empty());
+    assert_eq!(f.outputs().len(), 3, "{:?}", f.outputs());
+}
+
+#[test]
 fn killed_worker_loses_nothing_and_duplicates_count_once() {
     let mut f = Fleet::new();
     let w = workload(f.dir.path(), CROPS);

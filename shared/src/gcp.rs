@@ -15,6 +15,7 @@
 //! - **Production.** Without the variable, leave the endpoint and credentials unset: the clients use
 //!   the public endpoint and Application Default Credentials.
 
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use google_cloud_auth::credentials::Credentials;
@@ -55,6 +56,51 @@ pub fn endpoint_url(host: &str) -> String {
     }
 }
 
+/// Why `gs://` is off in auto mode: what [`detect_credentials`] looked for and found none of.
+pub const NO_CREDENTIALS: &str = "no STORAGE_EMULATOR_HOST, no Application Default Credentials \
+     (GOOGLE_APPLICATION_CREDENTIALS or gcloud's application_default_credentials.json) and not \
+     running on Google Cloud; set one of them, or start the worker with --gcs on to use the \
+     metadata server anyway";
+
+/// Where Cloud Storage credentials would come from, found without any network call, or `None`:
+/// the emulator variable, `GOOGLE_APPLICATION_CREDENTIALS`, gcloud's ADC file
+/// (`$CLOUDSDK_CONFIG` or `~/.config/gcloud`), or signs of Google Cloud whose metadata server
+/// provides credentials (`GCE_METADATA_HOST`, Cloud Run / Functions variables, a DMI product
+/// name of "Google…" on Compute Engine and GKE nodes).
+pub fn detect_credentials() -> Option<String> {
+    detect_credentials_in(&|k| std::env::var(k).ok(), Path::new("/"))
+}
+
+/// [`detect_credentials`] over a given environment and file-system root (for tests).
+pub fn detect_credentials_in(env: &dyn Fn(&str) -> Option<String>, root: &Path) -> Option<String> {
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if let Some(v) = set(STORAGE_EMULATOR_HOST) {
+        return Some(format!("the emulator at {v} ({STORAGE_EMULATOR_HOST})"));
+    }
+    if let Some(v) = set("GOOGLE_APPLICATION_CREDENTIALS") {
+        return Some(format!("GOOGLE_APPLICATION_CREDENTIALS={v}"));
+    }
+    let gcloud = set("CLOUDSDK_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| set("HOME").map(|h| PathBuf::from(h).join(".config/gcloud")));
+    if let Some(file) = gcloud.map(|d| d.join("application_default_credentials.json")) {
+        let file = if file.is_absolute() { root.join(file.strip_prefix("/").unwrap_or(&file)) } else { file };
+        if file.is_file() {
+            return Some(format!("Application Default Credentials in {}", file.display()));
+        }
+    }
+    for k in ["GCE_METADATA_HOST", "GCE_METADATA_IP", "K_SERVICE", "CLOUD_RUN_JOB", "FUNCTION_TARGET"] {
+        if set(k).is_some() {
+            return Some(format!("the metadata server ({k} is set)"));
+        }
+    }
+    let dmi = std::fs::read_to_string(root.join("sys/class/dmi/id/product_name")).unwrap_or_default();
+    if dmi.trim_start().starts_with("Google") {
+        return Some(format!("the metadata server (on {})", dmi.trim()));
+    }
+    None
+}
+
 /// Credentials that send no headers: what the emulators expect.
 pub fn anonymous_credentials() -> Credentials {
     google_cloud_auth::credentials::anonymous::Builder::new().build()
@@ -84,6 +130,28 @@ mod tests {
         assert_eq!(endpoint_url(" http://127.0.0.1:4443/ "), "http://127.0.0.1:4443");
         assert_eq!(endpoint_url("https://gcs.example:443"), "https://gcs.example:443");
         assert_eq!(emulator_host("CROPFLEET_SURELY_UNSET_VARIABLE"), None);
+    }
+
+    #[test]
+    fn credentials_detection() {
+        let root = tempfile::tempdir().unwrap();
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(detect_credentials_in(&env(&[("HOME", "/home/u")]), root.path()), None);
+        assert_eq!(detect_credentials_in(&env(&[(STORAGE_EMULATOR_HOST, " ")]), root.path()), None);
+        let found =
+            |vars: &'static [(&'static str, &'static str)]| detect_credentials_in(&env(vars), root.path()).unwrap();
+        assert!(found(&[(STORAGE_EMULATOR_HOST, "127.0.0.1:4443")]).contains("emulator"));
+        assert!(found(&[("GOOGLE_APPLICATION_CREDENTIALS", "/k.json")]).contains("/k.json"));
+        assert!(found(&[("K_SERVICE", "svc")]).contains("metadata server"));
+        let adc = root.path().join("home/u/.config/gcloud");
+        std::fs::create_dir_all(&adc).unwrap();
+        std::fs::write(adc.join("application_default_credentials.json"), "{}").unwrap();
+        assert!(found(&[("HOME", "/home/u")]).contains("application_default_credentials.json"));
+        std::fs::create_dir_all(root.path().join("sys/class/dmi/id")).unwrap();
+        std::fs::write(root.path().join("sys/class/dmi/id/product_name"), "Google Compute Engine\n").unwrap();
+        assert!(found(&[]).contains("Google Compute Engine"));
     }
 
     #[test]

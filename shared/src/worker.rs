@@ -365,6 +365,10 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
             reason: "http(s) outputs are not supported (read-only)".into(),
         });
     }
+    // Fail before any download when a location has no backend in this worker (e.g. gs:// on
+    // a worker without Cloud Storage): a permanent error naming the URI.
+    ctx.storage.check(&image_loc)?;
+    ctx.storage.check(&out)?;
     let out = out.join(&task.id);
     let (img, boxes) = tokio::try_join!(
         async { ctx.storage.get(&image_loc, cfg.max_source_bytes).await.map_err(TaskError::from) },

@@ -57,6 +57,12 @@ struct Args {
     /// such sources (also as redirect targets) are refused and dead-lettered.
     #[arg(long, env = "CROPFLEET_ALLOW_PRIVATE_SOURCES")]
     allow_private_sources: bool,
+    /// Cloud Storage (gs://): auto serves it when STORAGE_EMULATOR_HOST or Application Default
+    /// Credentials are found without a network call (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    /// ADC file, or running on Google Cloud), else gs:// tasks are dead-lettered at once
+    /// ("Cloud Storage is not configured for this worker"); on always uses ADC; off never.
+    #[arg(long, env = "CROPFLEET_GCS", default_value = "auto")]
+    gcs: storage::GcsMode,
     /// Most crops in one task.
     #[arg(long, env = "CROPFLEET_MAX_CROPS", default_value_t = cropfleet::crops::DEFAULT_MAX_CROPS)]
     max_crops: usize,
@@ -124,9 +130,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tasks = queue::open(&args.queue).await.with_context(|| format!("opening task queue {}", args.queue))?;
     let results =
         queue::open(&args.results).await.with_context(|| format!("opening results queue {}", args.results))?;
-    let storage =
-        storage::Storage::from_env(storage::StorageOptions { allow_private_sources: args.allow_private_sources })
-            .context("setting up storage")?;
+    let storage = storage::Storage::from_env(storage::StorageOptions {
+        allow_private_sources: args.allow_private_sources,
+        gcs: args.gcs,
+    })
+    .context("setting up storage")?;
+    match (storage.gcs_status(), args.gcs) {
+        (Ok(()), storage::GcsMode::On) => tracing::info!("Cloud Storage (gs://) on (--gcs on)"),
+        (Ok(()), _) => {
+            let via = cropfleet::gcp::detect_credentials().unwrap_or_default();
+            tracing::info!(credentials = %via, "Cloud Storage (gs://) configured")
+        }
+        (Err(reason), _) => {
+            tracing::info!(reason, "Cloud Storage (gs://) not configured; gs:// tasks are dead-lettered")
+        }
+    }
     let worker = Worker::new(cfg, tasks, results, storage).context("starting the CPU pool")?;
     if args.http_addr != "off" {
         let addr: SocketAddr = args.http_addr.parse().with_context(|| format!("--http-addr {:?}", args.http_addr))?;

@@ -94,6 +94,9 @@ pub enum StorageError {
     Unavailable { uri: String, reason: String },
     #[error("{uri}: I/O error: {source}")]
     Io { uri: String, source: std::io::Error },
+    /// A `gs://` location in a process that has no Cloud Storage set up (see [`GcsMode`]).
+    #[error("{uri}: Cloud Storage is not configured for this worker: {reason}")]
+    NotConfigured { uri: String, reason: String },
 }
 
 impl StorageError {
@@ -147,7 +150,38 @@ pub trait ObjectStore: Send + Sync {
 pub struct Storage {
     local: Arc<dyn ObjectStore>,
     gcs: Option<Arc<dyn ObjectStore>>,
+    /// Why `gs://` has no backend, when [`Storage::from_env`] decided against one.
+    gcs_missing: Option<String>,
     http: Option<Arc<dyn ObjectStore>>,
+}
+
+/// Whether a process serves `gs://` (the worker's `--gcs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GcsMode {
+    /// Serve `gs://` when Cloud Storage is set up: `STORAGE_EMULATOR_HOST`, or Application
+    /// Default Credentials that can be found without a network call (see
+    /// [`crate::gcp::detect_credentials`]). Otherwise `gs://` tasks are dead-lettered at once
+    /// with [`StorageError::NotConfigured`] instead of retrying a metadata server that is not
+    /// there.
+    #[default]
+    Auto,
+    /// Always serve `gs://` with Application Default Credentials (or the emulator), even when
+    /// none are detected (e.g. a metadata server this process cannot recognise).
+    On,
+    /// Never serve `gs://`: such tasks are dead-lettered.
+    Off,
+}
+
+impl std::str::FromStr for GcsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(GcsMode::Auto),
+            "on" => Ok(GcsMode::On),
+            "off" => Ok(GcsMode::Off),
+            other => Err(format!("unknown --gcs mode {other:?} (auto, on, off)")),
+        }
+    }
 }
 
 impl Default for Storage {
@@ -162,22 +196,48 @@ pub struct StorageOptions {
     /// Let `http(s)://` sources reach loopback, private and link-local addresses
     /// (`--allow-private-sources`); off by default (SSRF guard, see [`http`]).
     pub allow_private_sources: bool,
+    /// Whether to serve `gs://` (`--gcs`).
+    pub gcs: GcsMode,
 }
 
 impl Storage {
     /// Local disk, `gs://` and `http(s)://`, as the binaries use them. Google Cloud Storage goes to
     /// the emulator named by `STORAGE_EMULATOR_HOST` when set, else to the real service with
-    /// Application Default Credentials; its client is built on the first `gs://` call, so a
-    /// local-only run never looks for credentials.
+    /// Application Default Credentials; its client is built on the first `gs://` call. With
+    /// [`GcsMode::Auto`] and no emulator nor detectable credentials (a local run), `gs://` is
+    /// not served: those tasks fail permanently with [`StorageError::NotConfigured`] rather than
+    /// retrying a metadata server that does not exist. Detection reads environment variables and
+    /// checks for files only; nothing connects here.
     pub fn from_env(opts: StorageOptions) -> Result<Storage, StorageError> {
         crate::gcp::install_crypto_provider();
         let http = http::HttpStore::new(opts.allow_private_sources)?;
-        Ok(Storage::local_only().with_gcs(Arc::new(gcs::GcsStore::from_env())).with_http(Arc::new(http)))
+        let storage = Storage::local_only().with_http(Arc::new(http));
+        let serve = match opts.gcs {
+            GcsMode::On => Ok(()),
+            GcsMode::Off => Err("--gcs off".to_string()),
+            GcsMode::Auto => match crate::gcp::detect_credentials() {
+                Some(_) => Ok(()),
+                None => Err(crate::gcp::NO_CREDENTIALS.to_string()),
+            },
+        };
+        Ok(match serve {
+            Ok(()) => storage.with_gcs(Arc::new(gcs::GcsStore::from_env())),
+            Err(reason) => Storage { gcs_missing: Some(reason), ..storage },
+        })
     }
 
     /// Local disk only; `gs://` and `http(s)://` are rejected with a clear error.
     pub fn local_only() -> Storage {
-        Storage { local: Arc::new(local::LocalStore), gcs: None, http: None }
+        Storage { local: Arc::new(local::LocalStore), gcs: None, gcs_missing: None, http: None }
+    }
+
+    /// Whether `gs://` is served, and if not, why.
+    pub fn gcs_status(&self) -> Result<(), &str> {
+        match (&self.gcs, &self.gcs_missing) {
+            (Some(_), _) => Ok(()),
+            (None, Some(reason)) => Err(reason),
+            (None, None) => Err("not enabled in this process"),
+        }
     }
 
     /// Add a Google Cloud Storage backend for `gs://`.
@@ -199,9 +259,19 @@ impl Storage {
         };
         match loc {
             Location::Local(_) => Ok(&self.local),
-            Location::Gcs { .. } => self.gcs.as_ref().ok_or_else(|| missing("Google Cloud Storage (gs://)")),
+            Location::Gcs { .. } => self.gcs.as_ref().ok_or_else(|| match &self.gcs_missing {
+                Some(reason) => StorageError::NotConfigured { uri: loc.to_string(), reason: reason.clone() },
+                None => missing("Google Cloud Storage (gs://)"),
+            }),
             Location::Http(_) => self.http.as_ref().ok_or_else(|| missing("HTTP(S) reading")),
         }
+    }
+
+    /// Check that this process can reach `loc` at all (its backend is set up), without I/O:
+    /// the worker calls it before downloading, so a `gs://` output on a worker without Cloud
+    /// Storage fails before any work is done.
+    pub fn check(&self, loc: &Location) -> Result<(), StorageError> {
+        self.backend(loc).map(|_| ())
     }
 
     /// Read a whole object, refusing objects over `max_bytes`.
@@ -245,5 +315,20 @@ mod tests {
         assert!(Location::parse("gs:///x").is_err());
         assert!(Location::parse("ftp://x").is_err());
         assert!(matches!(Location::parse("https://h/x.jpg").unwrap(), Location::Http(_)));
+    }
+
+    #[test]
+    fn gcs_off_is_a_permanent_error_naming_the_uri() {
+        let s = Storage::from_env(StorageOptions { gcs: GcsMode::Off, ..Default::default() }).unwrap();
+        let loc = Location::parse("gs://bkt/out").unwrap();
+        let e = s.check(&loc).unwrap_err();
+        assert_eq!(e.failure(), Failure::Permanent);
+        assert_eq!(e.to_string(), "gs://bkt/out: Cloud Storage is not configured for this worker: --gcs off");
+        assert_eq!(s.gcs_status(), Err("--gcs off"));
+        s.check(&Location::parse("/tmp/x").unwrap()).unwrap();
+        let on = Storage::from_env(StorageOptions { gcs: GcsMode::On, ..Default::default() }).unwrap();
+        on.check(&loc).unwrap();
+        assert_eq!("auto".parse::<GcsMode>(), Ok(GcsMode::Auto));
+        assert!("maybe".parse::<GcsMode>().is_err());
     }
 }
