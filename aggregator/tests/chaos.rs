@@ -691,6 +691,14 @@ fn chaos(backend: Backend, store: Store) {
         .map(|i| std::fs::read_to_string(d.join(format!("worker-{i}.log"))).unwrap_or_default())
         .map(|l| l.matches("transient failure; will retry").count())
         .sum::<usize>();
+    // What the outages looked like to the workers (classified transient: retried, not dead-lettered).
+    let all_logs: String = (0..workers.started)
+        .map(|i| std::fs::read_to_string(d.join(format!("worker-{i}.log"))).unwrap_or_default())
+        .collect();
+    if let Some(line) = all_logs.lines().find(|l| l.contains("transient failure; will retry")) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        eprintln!("{label}: first transient failure: {}", v["fields"]["reason"]);
+    }
     let crashes: Vec<&Ended> = workers.ended.iter().filter(|e| !e.expected()).collect();
     let peak_kib = workers.ended.iter().map(|e| e.rss_kib).max().unwrap_or(0);
     let peak_mib = peak_kib.div_ceil(1024);
