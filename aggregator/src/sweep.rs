@@ -53,10 +53,10 @@ pub struct SweepArgs {
     #[arg(long, env = "CROPFLEET_QUEUE")]
     pub queue: Option<String>,
     /// Tasks each worker holds at once (worker --prefetch).
-    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 8)]
+    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 16)]
     pub prefetch: u32,
     /// Uploads each worker runs at once (worker --upload-concurrency).
-    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 128)]
     pub upload_concurrency: u32,
     /// Label of these runs in the table and picture [default: the queue backend, e.g. spool].
     #[arg(long, env = "CROPFLEET_LABEL")]

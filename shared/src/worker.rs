@@ -58,8 +58,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            prefetch: 8,
-            upload_concurrency: 32,
+            prefetch: 16,
+            upload_concurrency: 128,
             quality: engine::DEFAULT_QUALITY,
             max_pixels: engine::DEFAULT_MAX_PIXELS,
             max_source_bytes: crate::storage::DEFAULT_MAX_SOURCE_BYTES,

@@ -28,14 +28,17 @@ struct Args {
     /// CPU threads for decoding and encoding [default: number of cores].
     #[arg(long, env = "CROPFLEET_THREADS")]
     threads: Option<usize>,
-    /// Tasks held at once (received, not yet acked). Downloads of the next tasks overlap the CPU
-    /// work of the current ones; 8 keeps 2 cores busy even with ~50 ms of storage latency per
-    /// request, at a cost of one source image (a few MB) per extra slot.
-    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 8)]
+    /// Tasks held at once (received, not yet acked). Downloads and uploads of other tasks overlap
+    /// the CPU work of the current ones; with ~50 ms per storage request a task spends ~0.2 s in
+    /// flight, so ~35 tasks/s needs ~7 held: 16 leaves room (measured: 96–98% of the no-latency
+    /// throughput with 50 ms added, scripts/latency.sh). Each slot costs one source file (a few
+    /// MB), not a decoded image: those are bounded by --threads.
+    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 16)]
     prefetch: usize,
-    /// Uploads running at once across all tasks. 32 hides ~50 ms of per-request storage latency
-    /// at ~35 tasks/s × 50 crops; local disk needs far fewer.
-    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 32)]
+    /// Uploads running at once across all tasks. Hiding ~50 ms per request at ~35 tasks/s × 50
+    /// crops takes 1750 × 0.05 ≈ 88 in flight; 128 leaves room (32 measured 55% of the
+    /// no-latency throughput for one worker, 128 measured 98%). Local disk needs far fewer.
+    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 128)]
     upload_concurrency: usize,
     /// JPEG quality of crops when a task gives none (1-100; 4:2:0 chroma).
     #[arg(long, env = "CROPFLEET_QUALITY", default_value_t = engine::DEFAULT_QUALITY, value_parser = clap::value_parser!(u8).range(1..=100))]
