@@ -26,14 +26,7 @@ else
   started_emulators=1
 fi
 summary="$(mktemp)"
-# shellcheck disable=SC2317  # invoked by the trap
-cleanup() {
-  rm -f "$summary" "$summary.all"
-  if [ "$started_emulators" = 1 ]; then
-    scripts/emulators.sh stop >/dev/null 2>&1 || true
-  fi
-}
-trap cleanup EXIT
+trap 'rm -f "$summary" "$summary.all"; if [ "$started_emulators" = 1 ]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi' EXIT
 
 echo "== building (release)"
 cargo build --release --bins --quiet
