@@ -116,23 +116,6 @@ fn tasks_wanted() -> usize {
     std::env::var("CROPFLEET_CHAOS_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TASKS)
 }
 
-/// `STORAGE_EMULATOR_HOST` / `PUBSUB_EMULATOR_HOST`, starting the emulators when unset.
-fn emulator_var(var: &str) -> String {
-    if let Ok(h) = std::env::var(var) {
-        if !h.trim().is_empty() {
-            return h.trim().to_string();
-        }
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/emulators.sh");
-    let out = Command::new(&script).arg("start").output().expect("running scripts/emulators.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "emulators.sh start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("export {var}=")).map(str::to_string))
-        .unwrap_or_else(|| panic!("no {var} in:\n{stdout}"))
-}
-
 /// How one worker process ended (`slot` and `pid` show in failure messages).
 #[derive(Debug)]
 #[allow(dead_code)]

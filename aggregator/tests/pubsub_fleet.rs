@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,22 +21,6 @@ use cropfleet::queue::Queue;
 
 const CROPS: usize = 8;
 const TASKS: usize = 40;
-
-fn emulator_host() -> String {
-    if let Ok(h) = std::env::var(gcp::PUBSUB_EMULATOR_HOST) {
-        if !h.trim().is_empty() {
-            return h.trim().to_string();
-        }
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/emulators.sh");
-    let out = Command::new(&script).arg("start").output().expect("running scripts/emulators.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "emulators.sh start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("export PUBSUB_EMULATOR_HOST=").map(str::to_string))
-        .unwrap_or_else(|| panic!("no PUBSUB_EMULATOR_HOST in:\n{stdout}"))
-}
 
 /// Deletes the test's topics and subscriptions, even when it fails.
 struct Topics(Vec<String>);
@@ -66,7 +49,7 @@ fn a_worker_killed_mid_run_loses_nothing() {
 
 /// Run the fleet; with `kill`, the first worker gets SIGKILL mid-run and a second one finishes.
 fn fleet(kill: bool) {
-    let host = emulator_host();
+    let host = emulator_var(gcp::PUBSUB_EMULATOR_HOST);
     // The only test in this binary: the binaries inherit the variable.
     std::env::set_var(gcp::PUBSUB_EMULATOR_HOST, &host);
     let mut f = Fleet::new();

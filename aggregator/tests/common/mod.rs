@@ -167,20 +167,25 @@ pub fn amqp_uri(prefix: &str) -> String {
     format!("amqp://guest:guest@127.0.0.1:5672/%2f?queue={prefix}-{}&heartbeat=5", uuid::Uuid::new_v4().simple())
 }
 
-/// The Cloud Storage emulator's endpoint URL: `STORAGE_EMULATOR_HOST` when set, else started
-/// (or found running) by `scripts/emulators.sh start`.
-pub fn gcs_emulator_endpoint() -> String {
-    use cropfleet::gcp;
-    if let Some(ep) = gcp::emulator_host(gcp::STORAGE_EMULATOR_HOST) {
-        return ep;
+/// An emulator variable (`STORAGE_EMULATOR_HOST`, `PUBSUB_EMULATOR_HOST`): its value when set,
+/// else the one printed by `scripts/emulators.sh start`, which starts (or finds) the emulators.
+pub fn emulator_var(var: &str) -> String {
+    if let Ok(h) = std::env::var(var) {
+        if !h.trim().is_empty() {
+            return h.trim().to_string();
+        }
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/emulators.sh");
     let out = Command::new(&script).arg("start").output().expect("running scripts/emulators.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "emulators.sh start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let host = stdout
+    stdout
         .lines()
-        .find_map(|l| l.trim().strip_prefix("export STORAGE_EMULATOR_HOST="))
-        .unwrap_or_else(|| panic!("no STORAGE_EMULATOR_HOST in:\n{stdout}"));
-    gcp::endpoint_url(host)
+        .find_map(|l| l.trim().strip_prefix(&format!("export {var}=")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {var} in:\n{stdout}"))
+}
+
+/// The Cloud Storage emulator's endpoint URL (see [`emulator_var`]).
+pub fn gcs_emulator_endpoint() -> String {
+    cropfleet::gcp::endpoint_url(&emulator_var(cropfleet::gcp::STORAGE_EMULATOR_HOST))
 }
