@@ -1,9 +1,13 @@
 //! Lossless crop mode on the 12 MP sample (50 crops), one thread, against the default path:
-//! - `lossless/crop_all_50`: every crop in one `tj3Transform` call (the lossless mode);
+//! - `lossless/crop_all_50`: the lossless mode: one pass over the scan, then every crop written
+//!   by copying its blocks' entropy-coded bits (`lossless/bitcopy.rs`);
+//! - `lossless/tj3transform_50`: the same crops from one `tj3Transform` call (the fallback for
+//!   progressive, arithmetic and EXIF-rotated sources);
 //! - `lossless/per_crop_calls_50`: one call per crop, as the `turbojpeg` crate's safe
 //!   `Transformer::transform` does — the trap: every call re-reads the whole source;
 //! - `lossless/default_task_50`: the default mode, decode once + 50 encodes (quality 85);
-//! - `lossless/*_progressive`: the same source saved progressive.
+//! - `lossless/*_progressive`: the same source saved progressive (the lossless mode then runs
+//!   `tj3Transform`).
 //!
 //! `keep_allocations_resident()` is called at start-up, as the worker does; set
 //! `CROPFLEET_BENCH_MALLOC_DEFAULT=1` to measure glibc's default allocator behaviour instead
@@ -15,7 +19,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cropfleet::lossless;
+use cropfleet::lossless::{self, Method};
 use cropfleet::{engine, sample, CropBox};
 use turbojpeg::PixelFormat;
 
@@ -34,6 +38,10 @@ fn default_task(jpeg: &[u8], boxes: &[CropBox]) -> usize {
 
 fn lossless_bytes(jpeg: &[u8], boxes: &[CropBox]) -> usize {
     lossless::crop_all(jpeg, boxes).unwrap().iter().map(|c| c.jpeg.len()).sum()
+}
+
+fn tj3_bytes(jpeg: &[u8], boxes: &[CropBox]) -> usize {
+    lossless::crop_all_with(jpeg, boxes, Method::Tj3Transform).unwrap().iter().map(|c| c.jpeg.len()).sum()
 }
 
 fn benches(c: &mut Criterion) {
@@ -62,8 +70,9 @@ fn benches(c: &mut Criterion) {
         if resident { "kept resident (mallopt)" } else { "glibc default" },
     );
     eprintln!(
-        "output bytes for 50 crops: lossless {} (from progressive {}), default q85 {}",
+        "output bytes for 50 crops: lossless {} (tj3Transform {}, from progressive {}), default q85 {}",
         lossless_bytes(&jpeg, &boxes),
+        tj3_bytes(&jpeg, &boxes),
         lossless_bytes(&progressive, &boxes),
         default_task(&jpeg, &boxes),
     );
@@ -71,6 +80,7 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group(if resident { "lossless" } else { "lossless_malloc_default" });
     g.sample_size(20).measurement_time(Duration::from_secs(6));
     g.bench_function("crop_all_50", |b| b.iter(|| black_box(lossless_bytes(&jpeg, &boxes))));
+    g.bench_function("tj3transform_50", |b| b.iter(|| black_box(tj3_bytes(&jpeg, &boxes))));
     g.bench_function("default_task_50", |b| b.iter(|| black_box(default_task(&jpeg, &boxes))));
     g.bench_function("crop_all_50_progressive", |b| b.iter(|| black_box(lossless_bytes(&progressive, &boxes))));
     g.sample_size(10).measurement_time(Duration::from_secs(10));

@@ -62,6 +62,8 @@
 //!
 //! One TurboJPEG transform handle is kept per thread and reused (replaced after an error).
 
+mod bitcopy;
+
 use std::cell::RefCell;
 use std::ffi::CStr;
 
@@ -129,9 +131,25 @@ pub fn snap(b: &CropBox, layout: &Layout) -> CropBox {
 /// call that first to choose between this and the decode path. A corrupt or truncated JPEG gives
 /// [`TaskError::Decode`] (libjpeg-turbo's warnings count as errors, as in the decode path).
 pub fn crop_all(jpeg: &[u8], boxes: &[CropBox]) -> Result<Vec<LosslessCrop>, TaskError> {
+    crop_all_with(jpeg, boxes, Method::Fastest)
+}
+
+/// How [`crop_all_with`] cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Copy the entropy-coded bits of every block where the source allows it (sequential
+    /// Huffman, one scan, no rotation), else one `tj3Transform` call. What [`crop_all`] does.
+    Fastest,
+    /// Always one `tj3Transform` call (for comparisons and benchmarks).
+    Tj3Transform,
+}
+
+/// [`crop_all`] with the method chosen: both write crops with the same coefficients, so they
+/// decode to the same pixels.
+pub fn crop_all_with(jpeg: &[u8], boxes: &[CropBox], method: Method) -> Result<Vec<LosslessCrop>, TaskError> {
     let res = with_handle(|h| {
         Ok(match plan(h, jpeg) {
-            Ok(plan) => transform(h, jpeg, &plan, boxes),
+            Ok(plan) => transform(h, jpeg, &plan, boxes, method),
             Err(reason) => Err(TaskError::Decode(format!("cannot crop losslessly: {reason}"))),
         })
     });
@@ -295,7 +313,13 @@ fn plan(h: &mut Handle, jpeg: &[u8]) -> Result<Plan, String> {
 // ---------------------------------------------------------------------------------------------
 // The transform
 
-fn transform(h: &mut Handle, jpeg: &[u8], plan: &Plan, boxes: &[CropBox]) -> Result<Vec<LosslessCrop>, TaskError> {
+fn transform(
+    h: &mut Handle,
+    jpeg: &[u8],
+    plan: &Plan,
+    boxes: &[CropBox],
+    method: Method,
+) -> Result<Vec<LosslessCrop>, TaskError> {
     let layout = &plan.layout;
     let mut snapped = Vec::with_capacity(boxes.len());
     for (i, b) in boxes.iter().enumerate() {
@@ -304,6 +328,15 @@ fn transform(h: &mut Handle, jpeg: &[u8], plan: &Plan, boxes: &[CropBox]) -> Res
     }
     if boxes.is_empty() {
         return Ok(Vec::new());
+    }
+    if method == Method::Fastest && plan.op == sys::TJXOP_TJXOP_NONE as c_int {
+        match bitcopy::crop_all(jpeg, &snapped) {
+            Ok(jpegs) => {
+                let crops = jpegs.into_iter().zip(snapped).map(|(jpeg, snapped)| LosslessCrop { jpeg, snapped });
+                return Ok(crops.collect());
+            }
+            Err(reason) => tracing::debug!(%reason, "bit-copy crops declined the source; using tj3Transform"),
+        }
     }
     let n = c_int::try_from(boxes.len()).map_err(|_| TaskError::InvalidCrops(format!("{} boxes", boxes.len())))?;
     // Boxes fit in the image (checked above), whose sides fit in a c_int (TurboJPEG's).
