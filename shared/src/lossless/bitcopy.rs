@@ -26,7 +26,7 @@
 use crate::crops::CropBox;
 
 /// Bits looked up at once when decoding a Huffman code; longer codes take the slow loop.
-const FAST_BITS: u32 = 9;
+const FAST_BITS: u32 = 10;
 /// Zero bytes after the de-stuffed scan, so that reading a whole MCU past a truncated end
 /// stays in bounds: an MCU has at most 10 blocks of at most 27 + 63 × 31 bits (~2.5 KB).
 const PAD: usize = 4096;
@@ -50,6 +50,9 @@ pub(super) fn crop_all(jpeg: &[u8], boxes: &[CropBox]) -> Result<Vec<Vec<u8>>, S
 struct Huffman {
     /// Indexed by the next `FAST_BITS` bits: `(length << 8) | symbol`, or 0 for a longer code.
     fast: Vec<u16>,
+    /// For AC tables, indexed the same way: what skipping one coefficient takes, for codes of
+    /// up to `FAST_BITS` bits (0 for longer ones): see [`Skip`].
+    skip: Vec<u16>,
     /// `maxcode[l]`: the largest code of length `l`, or -1 when there is none.
     maxcode: [i32; 17],
     /// `offset[l]`: index in `symbols` of a length-`l` code, minus that code.
@@ -92,9 +95,10 @@ impl Huffman {
             }
             code <<= 1;
         }
+        let skip = fast.iter().map(|&e| if e == 0 { 0 } else { Skip::entry(e as u8, (e >> 8) as u32) }).collect();
         let mut spec = counts.to_vec();
         spec.extend_from_slice(symbols);
-        Ok(Huffman { fast, maxcode, offset, symbols: symbols.to_vec(), spec })
+        Ok(Huffman { fast, skip, maxcode, offset, symbols: symbols.to_vec(), spec })
     }
 
     /// Decode the code at the top of `bits` (left-aligned): `(symbol, code length)`.
@@ -111,6 +115,72 @@ impl Huffman {
             }
         }
         None
+    }
+}
+
+/// One AC symbol read as what it takes to skip it: the bits it spans (code and value), how far
+/// it moves through the block, and whether it ends the block. Packed in a `u16` table entry:
+/// bits 0–5 the bit count (≤ 31), bits 8–12 the advance (1–16), bit 14 end of block, bit 15 set
+/// in every entry so that 0 means "no entry".
+struct Skip;
+
+impl Skip {
+    const EOB: u16 = 1 << 14;
+
+    fn entry(rs: u8, len: u32) -> u16 {
+        let (run, size) = ((rs >> 4) as u32, (rs & 15) as u32);
+        let (bits, advance, eob) = match (run, size) {
+            (15, 0) => (len, 16, 0),
+            (_, 0) => (len, 0, Skip::EOB),
+            _ => (len + size, run + 1, 0),
+        };
+        0x8000 | eob | (advance as u16) << 8 | bits as u16
+    }
+}
+
+/// Reads bits MSB first from de-stuffed data, keeping 56–63 of them in a register
+/// (refill as in F. Giesen, "Reading bits in far too many ways", variant 4).
+struct Reader<'a> {
+    data: &'a [u8],
+    /// Next byte to load.
+    next: usize,
+    /// Left-aligned; the top `bits` bits are the stream from `pos()` on.
+    buf: u64,
+    bits: u32,
+}
+
+impl<'a> Reader<'a> {
+    fn new(data: &'a [u8]) -> Reader<'a> {
+        let mut r = Reader { data, next: 0, buf: 0, bits: 0 };
+        r.refill();
+        r
+    }
+
+    /// Top up to at least 56 bits. `data` must hold 8 bytes from `next` (the scan's padding).
+    #[inline(always)]
+    fn refill(&mut self) {
+        let word: [u8; 8] = self.data[self.next..self.next + 8].try_into().expect("8 bytes");
+        self.buf |= u64::from_be_bytes(word) >> self.bits;
+        self.next += ((63 - self.bits) >> 3) as usize;
+        self.bits |= 56;
+    }
+
+    #[inline(always)]
+    fn consume(&mut self, n: u32) {
+        self.buf <<= n;
+        self.bits -= n;
+    }
+
+    /// Bits consumed so far.
+    #[inline(always)]
+    fn pos(&self) -> usize {
+        self.next * 8 - self.bits as usize
+    }
+
+    /// Move to bit `pos`, a byte boundary (after a restart marker).
+    fn seek_byte(&mut self, pos: usize) {
+        *self = Reader { data: self.data, next: pos / 8, buf: 0, bits: 0 };
+        self.refill();
     }
 }
 
@@ -397,51 +467,58 @@ impl Index {
                 (src.dc[comp.td].as_ref().expect("checked"), src.ac[comp.ta].as_ref().expect("checked"))
             })
             .collect();
-        let data = &src.scan.data[..];
         let limit = src.scan.len * 8;
-        let (mut pos, mut pred, mut restarts) = (0usize, [0i32; 3], src.scan.restarts.iter());
+        let (mut r, mut pred, mut restarts) = (Reader::new(&src.scan.data), [0i32; 3], src.scan.restarts.iter());
         for m in 0..mcus {
             if src.restart_interval > 0 && m > 0 && m % src.restart_interval == 0 {
-                let byte = pos.div_ceil(8);
+                let byte = r.pos().div_ceil(8);
                 match restarts.next() {
                     Some(&(at, n)) if at == byte && n as usize == (m / src.restart_interval - 1) % 8 => {}
                     _ => return Err(format!("restart marker missing or misplaced before MCU {m}")),
                 }
-                pos = byte * 8;
+                r.seek_byte(byte * 8);
                 pred = [0; 3];
             }
             for (j, &(dc, ac)) in tables.iter().enumerate() {
-                let (size, len) = dc.decode(peek(data, pos)).ok_or("bad Huffman code")?;
+                // ≥ 56 bits after a refill: a DC code and its value take at most 16 + 15.
+                r.refill();
+                let (size, len) = dc.decode(r.buf).ok_or("bad Huffman code")?;
                 let size = size as u32;
-                pos += len as usize;
-                let bits = if size == 0 { 0 } else { (peek(data, pos) >> (64 - size)) as i32 };
-                pos += size as usize;
+                let bits = if size == 0 { 0 } else { ((r.buf << len) >> (64 - size)) as i32 };
+                r.consume(len + size);
                 let c = layout[j];
                 pred[c] = pred[c].wrapping_add(extend(bits, size));
-                let ac_start = pos;
+                let ac_start = r.pos();
                 let mut k = 1u32;
                 while k < 64 {
-                    let (rs, len) = ac.decode(peek(data, pos)).ok_or("bad Huffman code")?;
-                    let (run, size) = ((rs >> 4) as u32, (rs & 15) as u32);
-                    pos += (len + size) as usize;
-                    if size == 0 {
-                        if run != 15 {
-                            break; // end of block
+                    r.refill();
+                    let e = ac.skip[(r.buf >> (64 - FAST_BITS)) as usize];
+                    if e != 0 {
+                        r.consume((e & 63) as u32);
+                        if e & Skip::EOB != 0 {
+                            break;
                         }
-                        k += 16;
-                    } else {
-                        k += run + 1;
+                        k += ((e >> 8) & 31) as u32;
+                        continue;
                     }
+                    let (rs, len) = ac.decode(r.buf).ok_or("bad Huffman code")?;
+                    let e = Skip::entry(rs, len);
+                    r.consume((e & 63) as u32);
+                    if e & Skip::EOB != 0 {
+                        break;
+                    }
+                    k += ((e >> 8) & 31) as u32;
                 }
                 if k > 64 {
                     return Err("coefficients past the end of a block".into());
                 }
-                blocks.push(Block { ac_start: ac_start as u32, ac_end: pos as u32, dc: pred[c] });
+                blocks.push(Block { ac_start: ac_start as u32, ac_end: r.pos() as u32, dc: pred[c] });
             }
-            if pos > limit {
+            if r.pos() > limit {
                 return Err("the scan ends before its last block (truncated?)".into());
             }
         }
+        let pos = r.pos();
         if restarts.next().is_some() || pos.div_ceil(8) != src.scan.len {
             return Err("data left over after the last block".into());
         }
