@@ -459,7 +459,9 @@ impl Index {
             return Err("more than 10 blocks per MCU".into());
         }
         let mcus = mcu_cols * mcu_rows;
-        let mut blocks = Vec::with_capacity(mcus * layout.len());
+        // A block takes at least 2 bits (DC and end-of-block codes), so a header claiming more
+        // blocks than the data can hold does not get to reserve memory for them.
+        let mut blocks = Vec::with_capacity((mcus * layout.len()).min(src.scan.len * 4));
         let tables: Vec<(&Huffman, &Huffman)> = layout
             .iter()
             .map(|&c| {
