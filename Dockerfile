@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # cropfleet: one small image with the three binaries, cropfleet-worker (the default command),
 # cropfleet-producer and cropfleet-aggregator.
 #   docker build -t cropfleet:dev .

@@ -15,13 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=${DEPLOY_VENV:-.venv-deploy}
-req=scripts/deploy-requirements.txt
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 failed=()
 passed=0
 t0=$SECONDS
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
 step() { # step NAME COMMAND...: run, report, remember failures, go on.
   local name=$1 t=$SECONDS
@@ -37,12 +35,7 @@ step() { # step NAME COMMAND...: run, report, remember failures, go on.
 }
 
 # ---- tools
-if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/.requirements"; then
-  echo "validate-deploy: installing tools into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
-  cp "$req" "$venv/.requirements"
-fi
+venv=$(scripts/deploy-venv.sh)
 py=$venv/bin/python
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 compose=$site/compose/docker-compose # the Compose v2 binary itself: its Python wrapper always exits 0
