@@ -25,11 +25,23 @@
 #   --output PREFIX    where workers write crops (PREFIX/p2t4/…); compose: default a folder in
 #                      FLEET_DATA; k8s: required (gs://…)
 #   --namespace NS     Kubernetes namespace                                      [cropfleet]
+#   --no-build         compose: use the image CROPFLEET_IMAGE_TAG (default cropfleet:dev) as it is,
+#                      prebuilt or `docker load`ed, instead of `docker compose build`
+#   --compare-local    compose: then run the same grid as local processes (the image's own
+#                      binaries, the same broker and workload) and draw both in one table and
+#                      picture, with the CPU per task of each: what containers cost
 #   --dry-run          print the sweep command instead of running it
 #
+# Compose: installs and starts a Docker engine with Compose when missing and builds stand-ins for
+# images no registry gives (scripts/docker-engine.sh); the workers' CPU is read from their
+# containers' counters (scripts/docker-cpu.sh, the sweep's --cpu-cmd). The sweep itself runs the
+# image's cropfleet-aggregator, copied out of it, so host and containers run the same build.
+#
 # Environment: FLEET_DATA (compose: the folder shared with the containers, absolute;
-# default $PWD/cropfleet-data), RABBITMQ_PORT (compose: 5672), PUBSUB_PORT (compose: 8085),
-# CROPFLEET_AGGREGATOR_BIN (default: target/release/cropfleet-aggregator, built if missing).
+# default $PWD/cropfleet-data), RABBITMQ_PORT (compose: 5672; the machine's own RabbitMQ may hold
+# it: set another), PUBSUB_PORT (compose: 8085), CROPFLEET_NO_BUILD=1 (as --no-build),
+# CROPFLEET_AGGREGATOR_BIN (default: compose, the image's; k8s, target/release/cropfleet-aggregator,
+# built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -43,7 +55,8 @@ shift
 case "$target" in compose | k8s) ;; -h | --help) usage 0 ;; *) die "first argument: compose or k8s" ;; esac
 
 processes=1,2,4 threads=1,2 tasks=200 backend=rabbitmq label="" results="" image="" crops=""
-output="" namespace=cropfleet dry_run=0 extra=()
+output="" namespace=cropfleet dry_run=0 extra=() build=1 compare_local=0
+[ "${CROPFLEET_NO_BUILD:-0}" = 1 ] && build=0
 while (($#)); do
   case "$1" in
     --processes) processes=${2:?}; shift 2 ;;
@@ -57,6 +70,8 @@ while (($#)); do
     --output) output=${2:?}; shift 2 ;;
     --namespace) namespace=${2:?}; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --no-build) build=0; shift ;;
+    --compare-local) compare_local=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h | --help) usage 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -72,6 +87,7 @@ if [ -z "$label" ]; then
   if [ "$target" = compose ]; then label="compose-$backend"; else label="k8s-$backend"; fi
 fi
 results=${results:-results/experiment-$label}
+((compare_local)) && [ "$target" != compose ] && die "--compare-local belongs to compose"
 
 max_of() { tr ',' '\n' <<<"$1" | sort -n | tail -1; }
 
@@ -116,14 +132,39 @@ if [ "$target" = compose ]; then
   # the containers. `--wait` returns once every worker answers its health check.
   sweep+=(--scale-cmd "$dcs up -d --no-deps --wait --wait-timeout 300 --scale worker={processes} worker")
   sweep+=(--stop-cmd "$dcs stop --timeout 35 worker")
+  # Stopped containers restart with fresh counters, so this is the CPU of this configuration.
+  sweep+=(--cpu-cmd "$dcs ps -q worker | $(q "$repo/scripts/docker-cpu.sh")")
   prepare() {
     echo "experiment: starting the broker, the GCS emulator and the shared folder ($FLEET_DATA)"
     mkdir -p "$FLEET_DATA"
-    "${dc[@]}" build
+    scripts/docker-engine.sh
+    if ((build)); then
+      "${dc[@]}" build worker
+    else
+      docker image inspect "${CROPFLEET_IMAGE_TAG:-cropfleet:dev}" >/dev/null ||
+        die "--no-build: no image ${CROPFLEET_IMAGE_TAG:-cropfleet:dev} (build it, or docker load it)"
+    fi
     "${dc[@]}" up -d --wait --wait-timeout 300 "$backend" gcs
     "${dc[@]}" up --no-deps data-init
     # The compose aggregator would take the result events the sweep is waiting for.
     "${dc[@]}" stop aggregator worker >/dev/null 2>&1 || true
+    if [ -z "${CROPFLEET_AGGREGATOR_BIN:-}" ]; then
+      # The image's binaries (sweep and, with --compare-local, the local workers): the very
+      # build the containers run.
+      local bins=$FLEET_DATA/bin id
+      mkdir -p "$bins"
+      id=$(docker create "${CROPFLEET_IMAGE_TAG:-cropfleet:dev}")
+      docker cp "$id:/usr/local/bin/cropfleet-aggregator" "$bins/" >/dev/null &&
+        docker cp "$id:/usr/local/bin/cropfleet-worker" "$bins/" >/dev/null
+      docker rm "$id" >/dev/null
+      aggregator=$bins/cropfleet-aggregator
+    fi
+    # One workload for the whole experiment (and the local comparison).
+    if [ -z "$image" ]; then
+      "$aggregator" sample --dir "$FLEET_DATA/in" >/dev/null
+      image=$FLEET_DATA/in/sample.jpg crops=$FLEET_DATA/in/crops.csv
+      sweep+=(--image "$image" --crops "$crops")
+    fi
   }
 else
   command -v kubectl >/dev/null || die "kubectl not found"
@@ -171,7 +212,9 @@ else
 fi
 
 aggregator=${CROPFLEET_AGGREGATOR_BIN:-}
-if [ -z "$aggregator" ]; then
+if [ -z "$aggregator" ] && [ "$target" = compose ] && ((!dry_run)); then
+  aggregator="(from the image)" # copied out of it by prepare
+elif [ -z "$aggregator" ]; then
   aggregator=target/release/cropfleet-aggregator
   if [ ! -x "$aggregator" ] && ((!dry_run)); then
     echo "experiment: building cropfleet-aggregator (release)"
@@ -195,6 +238,24 @@ prepare
 "$aggregator" "${sweep[@]}" "${extra[@]}"
 if [ "$target" = compose ]; then
   mkdir -p "$results"
-  cp "$sweep_out"/runs.csv "$sweep_out"/runs.json "$sweep_out"/throughput.svg "$sweep_out"/throughput.png "$results"/
+  if ((compare_local)); then
+    # The same grid, workload and broker, the workers as processes on this machine.
+    local_out="$FLEET_DATA/experiments/local-$backend-$stamp"
+    if [ "$backend" = rabbitmq ]; then
+      local_q=$(to_host "amqp://$creds@rabbitmq:5672/%2f?queue=local")
+    else
+      local_q=pubsub://cropfleet-local/local
+    fi
+    local_sweep=(sweep --processes "$processes" --threads "$threads" --tasks "$tasks" --label "local-$backend"
+      --queue "$local_q" --out "$local_out" --work-dir "$FLEET_DATA/work-local" --image "$image" --crops "$crops")
+    if [ -n "$output" ]; then
+      local_sweep+=(--output "$output-local")
+      export STORAGE_EMULATOR_HOST=${STORAGE_EMULATOR_HOST:-http://127.0.0.1:${GCS_PORT:-4443}}
+    fi
+    "$aggregator" "${local_sweep[@]}" "${extra[@]}"
+    "$aggregator" report "$sweep_out/runs.json" "$local_out/runs.json" --out "$results"
+  else
+    cp "$sweep_out"/runs.csv "$sweep_out"/runs.json "$sweep_out"/throughput.svg "$sweep_out"/throughput.png "$results"/
+  fi
 fi
 echo "experiment: records and picture in $results (runs.csv, runs.json, throughput.svg, throughput.png)"

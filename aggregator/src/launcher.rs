@@ -9,6 +9,11 @@
 //!   enqueueing, the collection of result events, the records and the picture — is the same code
 //!   path as the local sweep.
 //!
+//! With `--cpu-cmd`, `sweep` also asks the fleet how much CPU it used: the template runs once the
+//! configuration's tasks are done, before `--stop-cmd`, and prints the CPU-seconds the workers
+//! have used since they were (re)started (docker compose: the containers' cgroup counters);
+//! the record's CPU per task is that over the tasks.
+//!
 //! Templates are run with `sh -c`. Placeholders `{processes}`, `{threads}`, `{prefetch}`,
 //! `{upload_concurrency}`, `{queue}`, `{results}`, `{tag}`, `{run_id}` are replaced by their
 //! values (unquoted: use the environment variables for values with shell characters), and the
@@ -49,6 +54,11 @@ pub struct LauncherArgs {
     /// that stops the fleet and returns once it has stopped, e.g. 'docker compose stop worker'.
     #[arg(long, env = "CROPFLEET_STOP_CMD")]
     pub stop_cmd: Option<String>,
+    /// `command` launcher: shell template printing the CPU-seconds the fleet's workers used since
+    /// they were (re)started by --scale-cmd (its last line of output; run before --stop-cmd), for
+    /// the CPU per task column [default: not measured, 0]. Same placeholders.
+    #[arg(long, env = "CROPFLEET_CPU_CMD")]
+    pub cpu_cmd: Option<String>,
     /// `command` launcher: the results queue the fleet publishes to (required there).
     #[arg(long, env = "CROPFLEET_RESULTS")]
     pub results: Option<String>,
@@ -104,6 +114,7 @@ impl LauncherArgs {
             for (flag, set) in [
                 ("--scale-cmd", self.scale_cmd.is_some()),
                 ("--stop-cmd", self.stop_cmd.is_some()),
+                ("--cpu-cmd", self.cpu_cmd.is_some()),
                 ("--results", self.results.is_some()),
                 ("--fleet-cores", self.fleet_cores.is_some()),
             ] {
@@ -168,7 +179,8 @@ impl LauncherArgs {
         }
         let timeout = Duration::from_secs_f64(self.cmd_timeout);
         let vars = s.vars();
-        let ext = External { stop: render(stop, &vars), vars, timeout };
+        let ext =
+            External { stop: render(stop, &vars), cpu: self.cpu_cmd.as_ref().map(|c| render(c, &vars)), vars, timeout };
         if let Err(e) = run_template("scale", &render(scale, &ext.vars), &ext.vars, timeout).await {
             if let Err(stop_err) = ext.stop_now().await {
                 eprintln!("sweep: after the failed scale command, the stop command failed too: {stop_err:#}");
@@ -183,11 +195,31 @@ impl LauncherArgs {
 #[derive(Debug)]
 pub struct External {
     stop: String,
+    cpu: Option<String>,
     vars: Vec<(&'static str, &'static str, String)>,
     timeout: Duration,
 }
 
 impl External {
+    /// CPU-seconds the fleet used, from --cpu-cmd; 0 without one or when it fails (with a
+    /// warning: the run itself is still valid).
+    pub async fn cpu_seconds(&self) -> f64 {
+        let Some(cmd) = &self.cpu else { return 0.0 };
+        match capture_template("cpu", cmd, &self.vars, self.timeout).await {
+            Ok(out) => match out.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().parse::<f64>()) {
+                Some(Ok(v)) if v.is_finite() && v >= 0.0 => v,
+                _ => {
+                    eprintln!("sweep: the cpu command printed no CPU-seconds on its last line: {out:?}");
+                    0.0
+                }
+            },
+            Err(e) => {
+                eprintln!("sweep: {e:#}");
+                0.0
+            }
+        }
+    }
+
     /// Run the stop command (it returns once the fleet has stopped).
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop_now().await
@@ -201,6 +233,36 @@ impl External {
 /// Replace every known placeholder.
 pub fn render(template: &str, vars: &[(&'static str, &'static str, String)]) -> String {
     vars.iter().fold(template.to_string(), |t, (ph, _, v)| t.replace(ph, v))
+}
+
+/// Run one rendered template with `sh -c` within `timeout` and return its standard output
+/// (standard error passed through). Unlike [`run_template`] it waits for the output to close, so
+/// the template must not leave background processes holding it.
+async fn capture_template(
+    what: &str,
+    cmd: &str,
+    vars: &[(&'static str, &'static str, String)],
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .envs(vars.iter().map(|(_, k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the {what} command"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.with_context(|| format!("waiting for the {what} command"))?;
+            if !out.status.success() {
+                bail!("the {what} command failed ({}): {cmd}", out.status);
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Err(_) => bail!("the {what} command did not finish within {:.0}s: {cmd}", timeout.as_secs_f64()),
+    }
 }
 
 /// Run one rendered template with `sh -c`, output passed through, within `timeout`.
@@ -276,6 +338,7 @@ mod tests {
                 f.display()
             )),
             stop_cmd: Some(format!("echo stopped {{tag}} >> {}", f.display())),
+            cpu_cmd: Some(format!("echo cpu {{tag}} >> {}; echo noise; echo $CROPFLEET_THREADS.5", f.display())),
             results: Some("spool:/r".into()),
             output: Some("gs://b/sweep/".into()),
             fleet_cores: None,
@@ -285,9 +348,10 @@ mod tests {
         assert_eq!(a.output_for("p3t2").as_deref(), Some("gs://b/sweep/p3t2"));
         assert_eq!(a.storage().as_deref(), Some("gcs"));
         let ext = a.scale(&scale()).await.unwrap().expect("external fleet");
+        assert_eq!(ext.cpu_seconds().await, 2.5, "the last line of the cpu command");
         ext.stop().await.unwrap();
         let got = std::fs::read_to_string(&f).unwrap();
-        assert_eq!(got, "3 2 amqp://u:p@h:5672/%2f?queue=crops 16\nstopped p3t2\n");
+        assert_eq!(got, "3 2 amqp://u:p@h:5672/%2f?queue=crops 16\ncpu p3t2\nstopped p3t2\n");
     }
 
     #[tokio::test]
@@ -298,6 +362,7 @@ mod tests {
             launcher: LauncherKind::Command,
             scale_cmd: Some("exit 3".into()),
             stop_cmd: Some(format!("touch {}", f.display())),
+            cpu_cmd: None,
             results: Some("spool:/r".into()),
             output: None,
             fleet_cores: None,
@@ -314,6 +379,7 @@ mod tests {
             launcher: LauncherKind::Command,
             scale_cmd: Some("sleep 5".into()),
             stop_cmd: Some("true".into()),
+            cpu_cmd: None,
             results: Some("spool:/r".into()),
             output: None,
             fleet_cores: None,
@@ -323,12 +389,31 @@ mod tests {
         assert!(e.contains("did not finish within"), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_failed_or_wordless_cpu_command_counts_as_not_measured() {
+        for cpu in ["exit 1", "echo not-a-number", "true"] {
+            let a = LauncherArgs {
+                launcher: LauncherKind::Command,
+                scale_cmd: Some("true".into()),
+                stop_cmd: Some("true".into()),
+                cpu_cmd: Some(cpu.into()),
+                results: Some("spool:/r".into()),
+                output: None,
+                fleet_cores: None,
+                cmd_timeout: 10.0,
+            };
+            let ext = a.scale(&scale()).await.unwrap().expect("external fleet");
+            assert_eq!(ext.cpu_seconds().await, 0.0, "{cpu}");
+        }
+    }
+
     #[test]
     fn validation_names_what_is_missing() {
         let mut a = LauncherArgs {
             launcher: LauncherKind::Command,
             scale_cmd: None,
             stop_cmd: Some("true".into()),
+            cpu_cmd: None,
             results: None,
             output: None,
             fleet_cores: None,

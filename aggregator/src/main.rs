@@ -34,6 +34,17 @@ enum Cmd {
     Sweep(Box<sweep::SweepArgs>),
     /// Consume result events from a queue and record the runs they belong to.
     Collect(collect::CollectArgs),
+    /// Write the generated sample workload (the sweep's): DIR/sample.jpg, a 4:3 photograph-like
+    /// JPEG (quality 90, 4:2:0), and DIR/crops.csv, its 50 boxes of 200-600 px; existing files
+    /// are kept.
+    Sample {
+        /// Folder for sample.jpg and crops.csv.
+        #[arg(long, env = "CROPFLEET_DIR", default_value = "cropfleet-data/in")]
+        dir: PathBuf,
+        /// Size in megapixels (12 gives 4000x3000).
+        #[arg(long, env = "CROPFLEET_SAMPLE_MP", default_value_t = 12)]
+        sample_mp: u32,
+    },
     /// Redraw the table and pictures from runs.json files (e.g. spool vs RabbitMQ side by side).
     Report {
         /// runs.json files written by sweep or collect.
@@ -55,8 +66,19 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sweep(a) => sweep::run(*a).await,
             Cmd::Collect(a) => collect::run(a).await,
             Cmd::Report { runs, out } => report(&runs, &out),
+            Cmd::Sample { dir, sample_mp } => write_sample(&dir, sample_mp),
         }
     })
+}
+
+fn write_sample(dir: &Path, mp: u32) -> anyhow::Result<()> {
+    let (w, h) = sweep::sample_dims(mp);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let workload = cropfleet::sample::Workload { image: dir.join("sample.jpg"), crops: dir.join("crops.csv") };
+    cropfleet::sample::write_workload_to(&workload, w, h, cropfleet::sample::SAMPLE_CROPS)
+        .with_context(|| format!("writing the sample into {}", dir.display()))?;
+    println!("{} ({w}x{h}), {}", workload.image.display(), workload.crops.display());
+    Ok(())
 }
 
 fn report(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {

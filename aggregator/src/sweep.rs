@@ -164,7 +164,7 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
 }
 
 /// A 4:3 size of about `mp` megapixels, multiple of 16 (12 → the standard 4000x3000 sample).
-fn sample_dims(mp: u32) -> (u32, u32) {
+pub(crate) fn sample_dims(mp: u32) -> (u32, u32) {
     if mp == 12 {
         return (cropfleet::sample::SAMPLE_WIDTH, cropfleet::sample::SAMPLE_HEIGHT);
     }
@@ -298,7 +298,7 @@ async fn run_config(
     .await;
     bar.finish_and_clear();
     let (usage, stopped) = match external {
-        Some(fleet) => (Usage { cpu_seconds: 0.0, peak_rss_bytes: 0 }, fleet.stop().await),
+        Some(fleet) => (Usage { cpu_seconds: fleet.cpu_seconds().await, peak_rss_bytes: 0 }, fleet.stop().await),
         None => (stop_workers(workers).await, Ok(())),
     };
     let collector = collected?;

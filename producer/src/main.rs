@@ -32,6 +32,20 @@ enum Cmd {
         #[arg(long, env = "CROPFLEET_RESULTS", default_value = "spool:cropfleet-data/results")]
         results: String,
     },
+    /// List the messages in the task queue's dead-letter destination, each with its reason, and
+    /// leave them there (RabbitMQ: NAME.dead; Pub/Sub: subscription NAME-dead-sub, whose messages
+    /// are consumed by reading them; spool: PATH/dead).
+    DeadLetters {
+        /// Task queue URI (its dead-letter destination is read).
+        #[arg(long, env = "CROPFLEET_QUEUE", default_value = "spool:cropfleet-data/tasks")]
+        queue: String,
+        /// At most this many messages.
+        #[arg(long, env = "CROPFLEET_MAX", default_value_t = 100)]
+        max: usize,
+        /// One JSON object per line ({"id", "reason", "payload"}) instead of text.
+        #[arg(long, env = "CROPFLEET_JSON")]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +74,10 @@ struct Enqueue {
     /// JSONL manifest, one task object per line ("-" = stdin); v, id and run_id are filled in.
     #[arg(long, env = "CROPFLEET_MANIFEST", conflicts_with_all = ["image", "crops", "output"])]
     manifest: Option<String>,
+    /// Publish each manifest line verbatim, unparsed and unchecked (replaying messages, or
+    /// testing how workers treat bad input); needs --manifest.
+    #[arg(long, env = "CROPFLEET_RAW", requires = "manifest")]
+    raw: bool,
     /// Run id stamped on every task [default: run-{unix_ms}].
     #[arg(long, env = "CROPFLEET_RUN_ID")]
     run_id: Option<String>,
@@ -77,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
     logging::init(args.enqueue.log_format);
     match args.cmd {
         Some(Cmd::Setup { queue, results }) => setup(&queue, &results).await,
+        Some(Cmd::DeadLetters { queue, max, json }) => dead_letters(&queue, max, json).await,
         None => enqueue(args.enqueue).await,
     }
 }
@@ -90,10 +109,26 @@ async fn setup(queue_uri: &str, results_uri: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn dead_letters(queue_uri: &str, max: usize, json: bool) -> anyhow::Result<()> {
+    let q = queue::open(queue_uri).await.with_context(|| format!("opening {queue_uri}"))?;
+    let dead = q.dead_letters(max).await.with_context(|| format!("reading the dead letters of {queue_uri}"))?;
+    for d in &dead {
+        let payload = String::from_utf8_lossy(&d.payload);
+        if json {
+            println!("{}", serde_json::json!({ "id": d.id, "reason": d.reason, "payload": payload }));
+        } else {
+            println!("{}\t{}\t{}", d.id, d.reason, payload.chars().take(200).collect::<String>());
+        }
+    }
+    eprintln!("{} dead letters ({})", dead.len(), q.backend());
+    Ok(())
+}
+
 async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
     let run_id = a.run_id.clone().unwrap_or_else(produce::new_run_id);
     cropfleet::task::validate_id(&run_id).context("--run-id")?;
     let tasks: Vec<Vec<u8>> = match &a.manifest {
+        Some(path) if a.raw => read_lines(path)?.into_iter().map(|(_, l)| l.into_bytes()).collect(),
         Some(path) => read_manifest(path, &run_id)?,
         None => {
             let t = Template {
@@ -123,6 +158,14 @@ async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
 }
 
 fn read_manifest(path: &str, run_id: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    read_lines(path)?
+        .into_iter()
+        .map(|(lineno, line)| Ok(produce::task_from_manifest_line(&line, run_id, lineno)?.to_json()))
+        .collect()
+}
+
+/// The manifest's lines with their 1-based numbers, without blank and `#` lines.
+fn read_lines(path: &str) -> anyhow::Result<Vec<(usize, String)>> {
     let reader: Box<dyn BufRead> = if path == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -136,7 +179,7 @@ fn read_manifest(path: &str, run_id: &str) -> anyhow::Result<Vec<Vec<u8>>> {
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        out.push(produce::task_from_manifest_line(&line, run_id, i + 1)?.to_json());
+        out.push((i + 1, line));
     }
     Ok(out)
 }

@@ -148,19 +148,28 @@ pub fn write_workload(dir: &Path) -> std::io::Result<Workload> {
 /// As [`write_workload`], at another size (tests use small images).
 pub fn write_workload_sized(dir: &Path, width: u32, height: u32, count: usize) -> std::io::Result<Workload> {
     std::fs::create_dir_all(dir)?;
-    let image = dir.join(format!("sample-{width}x{height}.jpg"));
-    let crops_path = dir.join(format!("crops-{width}x{height}-{count}.csv"));
-    if !image.exists() {
+    let w = Workload {
+        image: dir.join(format!("sample-{width}x{height}.jpg")),
+        crops: dir.join(format!("crops-{width}x{height}-{count}.csv")),
+    };
+    write_workload_to(&w, width, height, count)?;
+    Ok(w)
+}
+
+/// Write the sample image and its crop list to the paths of `w`, each unless it already exists
+/// (the image through a temporary file, so a reader never sees half of it).
+pub fn write_workload_to(w: &Workload, width: u32, height: u32, count: usize) -> std::io::Result<()> {
+    if !w.image.exists() {
         let jpeg = encode_jpeg(&photo(width, height, 2026), width, height, 90, false);
-        let tmp = image.with_extension("jpg.tmp");
+        let tmp = w.image.with_extension("jpg.tmp");
         std::fs::write(&tmp, jpeg)?;
-        std::fs::rename(&tmp, &image)?;
+        std::fs::rename(&tmp, &w.image)?;
     }
-    if !crops_path.exists() {
+    if !w.crops.exists() {
         let b = boxes(width, height, count, 50);
-        std::fs::write(&crops_path, crops::to_csv(&b))?;
+        std::fs::write(&w.crops, crops::to_csv(&b))?;
     }
-    Ok(Workload { image, crops: crops_path })
+    Ok(())
 }
 
 #[cfg(test)]
