@@ -1,29 +1,66 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs prerequisites, starts the services the tests
-# talk to (RabbitMQ), then formatting, lints, unit, integration and doc tests.
+# talk to (RabbitMQ, the Pub/Sub and GCS emulators), then formatting, lints + build, unit,
+# integration and doc tests, the offline deployment checks, and the fleet in real containers
+# (scripts/compose-test.sh: Docker engine, image build, both compose profiles, the compose
+# experiment). Prints how long each part took.
 # Usage: scripts/test.sh [extra nextest args]
+# Environment: CROPFLEET_SKIP_CONTAINERS=1 skips the container part (machines without Docker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
-scripts/services.sh start
-# Pub/Sub emulator + fake-gcs-server on free loopback ports; exports PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST.
-eval "$(scripts/emulators.sh start)"
-trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
+t_start=$SECONDS
+parts=()
+part() { # part NAME COMMAND...: run one part, remember how long it took
+  local name=$1 t=$SECONDS
+  shift
+  echo "== $name"
+  "$@"
+  parts+=("$(printf '%-40s %5d s' "$name" $((SECONDS - t)))")
+}
+report() {
+  local status=$?
+  scripts/emulators.sh stop >/dev/null 2>&1 || true
+  echo "== time per part"
+  printf '%s\n' "${parts[@]}"
+  printf '%-40s %5d s (exit %d)\n' "total" $((SECONDS - t_start)) "$status"
+}
+trap report EXIT
 
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "== tests"
-cargo build --workspace --bins --quiet
+part "setup (cmake, nasm)" scripts/setup.sh
+part "services (RabbitMQ)" scripts/services.sh start
+# Pub/Sub emulator + fake-gcs-server on free loopback ports; exports PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST.
+emulators() { eval "$(scripts/emulators.sh start)"; }
+part "emulators (Pub/Sub, fake-gcs-server)" emulators
+part "cargo fmt --check" cargo fmt --all -- --check
+
+# Lints and the test build in one compilation: clippy's driver is the rustc of the workspace's
+# own crates (as `cargo clippy` makes it), so the dependencies are compiled once, with code, for
+# the tests too — not once more for `cargo check`. The same variables stay set for the test run
+# below, so nothing is rebuilt there.
+export RUSTC_WORKSPACE_WRAPPER
+RUSTC_WORKSPACE_WRAPPER=$(rustc --print sysroot)/bin/clippy-driver
+[ -x "$RUSTC_WORKSPACE_WRAPPER" ] || RUSTC_WORKSPACE_WRAPPER=$(command -v clippy-driver)
+export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+part "build + clippy -D warnings (all targets)" cargo build --workspace --all-targets --locked
+
 export CROPFLEET_TEST_BINS_BUILT=1
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+tests() {
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "$@"
+  else
+    cargo test --workspace --no-fail-fast "$@"
+  fi
+}
+part "tests" tests "$@"
+part "doc tests" cargo test --workspace --doc --quiet
+# The binaries the tests ran, not a second build.
+part "deployment files (offline)" env CROPFLEET_BIN_DIR=target/debug scripts/validate-deploy.sh
+
+if [ "${CROPFLEET_SKIP_CONTAINERS:-0}" = 1 ]; then
+  echo "== containers: skipped (CROPFLEET_SKIP_CONTAINERS=1)"
 else
-  cargo test --workspace --no-fail-fast "$@"
+  # The emulators of the tests are not needed any more: their CPU goes to the image build.
+  scripts/emulators.sh stop >/dev/null 2>&1 || true
+  part "containers (scripts/compose-test.sh)" scripts/compose-test.sh --experiment
 fi
-echo "== doc tests"
-cargo test --workspace --doc --quiet
-echo "== deployment files (offline)"
-scripts/validate-deploy.sh

@@ -18,9 +18,9 @@ pub struct CollectArgs {
     /// Folder for runs.csv, runs.json and the pictures.
     #[arg(long, env = "CROPFLEET_OUT", default_value = "results/collect")]
     pub out: PathBuf,
-    /// Stop after this many distinct tasks (all runs together).
-    #[arg(long, env = "CROPFLEET_EXPECT")]
-    pub expect: Option<u64>,
+    /// Stop after this many distinct tasks (all runs together); 0: no count, stop when idle.
+    #[arg(long, env = "CROPFLEET_EXPECT", default_value_t = 0)]
+    pub expect: u64,
     /// Stop when no event arrived for this many seconds, once at least one did.
     #[arg(long, env = "CROPFLEET_IDLE_SECS", default_value_t = 15.0)]
     pub idle_secs: f64,
@@ -41,9 +41,10 @@ pub async fn run(a: CollectArgs) -> anyhow::Result<()> {
     let mut last_line = Instant::now();
     let idle = Duration::from_secs_f64(a.idle_secs);
     let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
+    let expect = (a.expect > 0).then_some(a.expect);
     loop {
         let total: u64 = runs.values().map(|c| c.len() as u64).sum();
-        if a.expect.is_some_and(|n| total >= n) || last_event.is_some_and(|t| t.elapsed() >= idle) {
+        if expect.is_some_and(|n| total >= n) || last_event.is_some_and(|t| t.elapsed() >= idle) {
             break;
         }
         let next = tokio::select! {
@@ -69,7 +70,7 @@ pub async fn run(a: CollectArgs) -> anyhow::Result<()> {
         }
         if last_line.elapsed() >= Duration::from_secs(2) {
             for (run, c) in &runs {
-                let eta = a.expect.map(|n| {
+                let eta = expect.map(|n| {
                     let left = n.saturating_sub(c.len() as u64) as f64;
                     if c.rate() > 0.0 {
                         format!(", eta {:.0}s", left / c.rate())
