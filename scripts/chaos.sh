@@ -7,15 +7,11 @@
 #
 # Usage: scripts/chaos.sh [extra cargo test filter args]
 #   N=200            valid tasks per test (default 200)
-#   PUBSUB_ALL=1     also run the Pub/Sub variants with every fault (SIGKILLs, mid-run SIGTERM,
-#                    simulated restart), which the emulator survives only by stranding messages;
-#                    reported separately, stranded tasks named as such (default 1)
 # Starts RabbitMQ and the emulators if they are not running; stops only the emulators it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N="${N:-200}"
-PUBSUB_ALL="${PUBSUB_ALL:-1}"
 
 scripts/services.sh start
 started_emulators=0
@@ -26,7 +22,7 @@ else
   started_emulators=1
 fi
 summary="$(mktemp)"
-trap 'rm -f "$summary" "$summary.all"; if [ "$started_emulators" = 1 ]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi' EXIT
+trap 'rm -f "$summary"; if [ "$started_emulators" = 1 ]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi' EXIT
 
 echo "== building (release)"
 cargo build --release --bins --quiet
@@ -40,22 +36,7 @@ status=0
 echo "== chaos: $N tasks per test, 6 tests, one at a time"
 cargo test --release -p cropfleet-aggregator --test chaos -- --nocapture --test-threads=1 "$@" || status=$?
 
-pubsub_status=0
-if [ "$PUBSUB_ALL" = 1 ]; then
-  echo "== chaos, Pub/Sub with every fault (the emulator strands messages of closed streams)"
-  CROPFLEET_CHAOS_PUBSUB_ALL=1 CROPFLEET_CHAOS_SUMMARY="$summary.all" \
-    cargo test --release -p cropfleet-aggregator --test chaos -- --nocapture --test-threads=1 pubsub || pubsub_status=$?
-fi
-
 echo
 echo "== summary ($N valid tasks per test; load after: $(uptime | sed 's/.*load average: //'))"
 sed 's/^chaos //' "$summary" | column -t -s ',' || cat "$summary"
-if [ -s "$summary.all" ]; then
-  echo
-  echo "== Pub/Sub with every fault (opt-in; stranded = kept leased to a dead stream by the emulator, not lost)"
-  sed 's/^chaos //' "$summary.all" | column -t -s ',' || cat "$summary.all"
-fi
-if [ "$pubsub_status" != 0 ]; then
-  echo "chaos: the Pub/Sub all-faults run failed (exit $pubsub_status)" >&2
-fi
 exit "$status"

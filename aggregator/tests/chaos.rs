@@ -26,11 +26,9 @@
 //!   exclusively for just that); spool — none (there is no broker: "n/a"); Pub/Sub — the
 //!   emulator keeps everything in memory, so a real restart would lose every topic and message:
 //!   it is simulated as a connection outage through the proxy the workers use.
-//! - Pub/Sub and SIGKILL: the emulator (0.8.20) mishandles a subscriber's stream that closes
-//!   abruptly and keeps that subscriber's leased messages leased to nobody for minutes (see
-//!   `pubsub_fleet.rs`). The Pub/Sub variants therefore SIGKILL workers only when
-//!   `CROPFLEET_CHAOS_PUBSUB_ALL=1`, and then report tasks without a result by the deadline as
-//!   "stranded" (not "lost") and do not fail on them.
+//! - Pub/Sub and SIGKILL: the emulator needs the fix in `deploy/pubsub-emulator-fix` (which
+//!   `scripts/emulators.sh` applies): as shipped (0.8.20) it keeps a closed subscriber stream and
+//!   strands its messages, see `pubsub_fleet.rs`.
 
 mod common;
 
@@ -106,10 +104,6 @@ fn pubsub_local() {
 #[test]
 fn pubsub_gcs() {
     chaos(Backend::PubSub, Store::Gcs);
-}
-
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).map(|v| v == "1" || v == "true").unwrap_or(false)
 }
 
 fn tasks_wanted() -> usize {
@@ -304,8 +298,6 @@ fn files_under(dir: &Path) -> usize {
 
 fn chaos(backend: Backend, store: Store) {
     let n = tasks_wanted();
-    let pubsub_kills = env_flag("CROPFLEET_CHAOS_PUBSUB_ALL");
-    let kills_on = backend != Backend::PubSub || pubsub_kills;
     let label = format!(
         "{}/{}",
         match backend {
@@ -424,11 +416,6 @@ fn chaos(backend: Backend, store: Store) {
         Fault::Term(0),
         Fault::Kill(1),
     ];
-    if !kills_on {
-        // What this emulator survives: poison and storage outages. Every fault that closes a
-        // subscriber's stream (SIGKILL, SIGTERM mid-run, a connection cut) strands messages.
-        plan.retain(|f| matches!(f, Fault::Storage));
-    }
     if backend == Backend::Spool {
         plan.retain(|f| !matches!(f, Fault::Broker));
     }
@@ -520,9 +507,6 @@ fn chaos(backend: Backend, store: Store) {
     let limit = Duration::from_secs(150 + 3 * n as u64);
     eprintln!("{label}: {n} tasks and {m} poison messages in {waves_n} waves; faults {plan:?}");
     let mut next = 0;
-    // Pub/Sub with SIGKILL/SIGTERM opted in: stop waiting once nothing moves (stranded messages).
-    let strict = !(backend == Backend::PubSub && pubsub_kills);
-    let (mut last_done, mut last_progress) = (0, Instant::now());
     loop {
         rt.block_on(results.drain(Duration::from_millis(50)));
         workers.check();
@@ -592,14 +576,6 @@ fn chaos(backend: Backend, store: Store) {
         if done == n && next == plan.len() {
             break;
         }
-        if done > last_done {
-            (last_done, last_progress) = (done, Instant::now());
-        }
-        // A stranded wave may never reach the next fault's trigger either.
-        if !strict && last_progress.elapsed() > Duration::from_secs(90) {
-            eprintln!("{label}: no progress for 90 s: {done} of {n} tasks have a result");
-            break;
-        }
         if started.elapsed() > limit {
             eprintln!("{label}: deadline: {done} of {n} tasks have a result after {limit:?}");
             break;
@@ -652,10 +628,9 @@ fn chaos(backend: Backend, store: Store) {
         Store::Gcs => rt.block_on(storage.list(&Location::parse(&output).unwrap())).unwrap(),
     };
     let present: BTreeSet<String> = listed.into_iter().collect();
-    let stranded: BTreeSet<&String> = ids.iter().filter(|id| !results.by_id.contains_key(*id)).collect();
+    let no_result: BTreeSet<&String> = ids.iter().filter(|id| !results.by_id.contains_key(*id)).collect();
     let missing: Vec<&String> = expected.difference(&present).collect();
-    let lost = missing.iter().filter(|name| !stranded.iter().any(|id| name.starts_with(&format!("{id}/")))).count();
-    let missing_stranded = missing.len() - lost;
+    let lost = missing.len();
     let mut unexpected = present.difference(&expected).count();
     // Anywhere an escaping task or the outage could have written.
     unexpected += match store {
@@ -689,31 +664,15 @@ fn chaos(backend: Backend, store: Store) {
 
     let broker = if backend == Backend::Spool {
         "n/a".to_string()
-    } else if backend == Backend::PubSub && !kills_on {
-        "0 (pubsub: opt-in)".to_string()
     } else if backend == Backend::PubSub {
         format!("{broker_restarts} (simulated: connection cut)")
     } else {
         broker_restarts.to_string()
     };
-    let (kills_s, terms_s) = if kills_on {
-        (kills.to_string(), terms.to_string())
-    } else {
-        ("0 (pubsub: opt-in)".to_string(), "0 mid-run (pubsub: opt-in; all at the end)".to_string())
-    };
-    let stranded_s = if stranded.is_empty() && missing_stranded == 0 {
-        String::new()
-    } else {
-        format!(
-            ", stranded {} (no result after 90 s without progress; faults run {next} of {})",
-            stranded.len(),
-            plan.len()
-        )
-    };
     let summary = format!(
-        "chaos {label}: tasks {n}, poison {m}, kills {kills_s}, broker restarts {broker}, storage outages \
-         {storage_outages}, sigterm {terms_s} -> lost {lost}, unexpected {unexpected}, duplicate events {duplicates}, \
-         dead letters {dead_ok}/{m}, worker crashes {}, peak RSS {peak_mib} MiB (bound {RSS_BOUND_MIB}){stranded_s}; \
+        "chaos {label}: tasks {n}, poison {m}, kills {kills}, broker restarts {broker}, storage outages \
+         {storage_outages}, sigterm {terms} -> lost {lost}, unexpected {unexpected}, duplicate events {duplicates}, \
+         dead letters {dead_ok}/{m}, worker crashes {}, peak RSS {peak_mib} MiB (bound {RSS_BOUND_MIB}); \
          {retries} transient retries, {run_s:.0} s",
         crashes.len()
     );
@@ -726,28 +685,17 @@ fn chaos(backend: Backend, store: Store) {
 
     let logs = workers.logs();
     assert!(pending_at_faults.iter().all(|&p| p > 0), "a fault struck an idle fleet: {fault_log:?}");
-    assert!(!strict || next == plan.len(), "not every fault ran: {fault_log:?}");
+    assert!(next == plan.len(), "not every fault ran: {fault_log:?}");
     assert!(term_ok, "the SIGTERMed worker did not drain and exit 0: {:?}\n{logs}", workers.ended);
     assert!(crashes.is_empty(), "workers ended unexpectedly: {crashes:?}\n{logs}");
     assert_eq!(lost, 0, "lost crops: {:?}\n{logs}", &missing[..missing.len().min(20)]);
     assert_eq!(unexpected, 0, "unexpected objects\n{logs}");
     assert!(unknown_events.is_empty(), "result events for unknown tasks: {unknown_events:?}");
     assert!(valid_dead.is_empty(), "valid tasks dead-lettered: {valid_dead:#?}\n{logs}");
-    if strict {
-        assert!(dead_problems.is_empty(), "dead letters: {dead_problems:#?}\n{logs}");
-        assert_eq!(dead_ok, m);
-    }
+    assert!(dead_problems.is_empty(), "dead letters: {dead_problems:#?}\n{logs}");
+    assert_eq!(dead_ok, m);
     assert!(peak_mib < RSS_BOUND_MIB, "peak RSS {peak_mib} MiB over the bound {RSS_BOUND_MIB} MiB");
-    if !strict {
-        // Known emulator defect: reported above as stranded, not failed on.
-        if !stranded.is_empty() {
-            eprintln!("{label}: {} tasks stranded by the emulator after SIGKILLs", stranded.len());
-        }
-    } else {
-        assert!(stranded.is_empty(), "{} tasks have no result event: {stranded:?}\n{logs}", stranded.len());
-    }
-    if strict {
-        assert_eq!((kills, terms), if kills_on { (4, 1) } else { (0, 0) });
-        assert_eq!(storage_outages, 1);
-    }
+    assert!(no_result.is_empty(), "{} tasks have no result event: {no_result:?}\n{logs}", no_result.len());
+    assert_eq!((kills, terms), (4, 1));
+    assert_eq!(storage_outages, 1);
 }
