@@ -4,7 +4,10 @@
 # Usage: deploy/pubsub-emulator-fix/build.sh [EMULATOR_JAR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-jar=${1:-$(ls /usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*.jar | head -1)}
+jar=${1:-}
+if [ -z "$jar" ]; then
+  for jar in /usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*.jar; do break; done
+fi
 rm -rf "$here/classes"
 # Java 8 bytecode: runs on whatever Java the emulator image carries.
 javac --release 8 -nowarn -cp "$jar" -d "$here/classes" "$here/src/io/grpc/InternalStatus.java"

@@ -12,5 +12,6 @@ if [ -z "$dir" ]; then
     [ -d "$d" ] && dir=$d && break
   done
 fi
-jar=$(ls "${dir:?no Pub/Sub emulator found: set PUBSUB_EMULATOR_DIR}"/lib/cloud-pubsub-emulator-*.jar | head -1)
+for jar in "${dir:?no Pub/Sub emulator found: set PUBSUB_EMULATOR_DIR}"/lib/cloud-pubsub-emulator-*.jar; do break; done
+[ -f "$jar" ] || { echo "no cloud-pubsub-emulator jar in $dir/lib" >&2; exit 1; }
 exec "${JAVA:-java}" -cp "$here/classes:$jar" com.google.cloud.pubsub.testing.v1.Main "$@"
