@@ -167,6 +167,7 @@ fn no_password_in_any_output() {
 
     // A sweep over the same broker: its table, progress, runs.json, runs.csv and worker logs.
     let sweep_out = f.path("sweep");
+    let worker_bin = bin("cropfleet-worker").display().to_string();
     let sweep = ok(
         &mut seen,
         "cropfleet-aggregator",
@@ -184,6 +185,8 @@ fn no_password_in_any_output() {
             "1",
             "--out",
             &sweep_out.display().to_string(),
+            "--worker-bin",
+            &worker_bin,
         ],
         "info",
     );
