@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
-use cropfleet::queue::{self, amqp::Amqp, ConsumerOptions};
+use cropfleet::queue::{self, ConsumerOptions};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
@@ -243,19 +243,5 @@ fn no_password_in_any_output() {
     if let Some(at) = seen.find(pw.as_str()) {
         let from = seen[..at].rfind("\n==").unwrap_or(0);
         panic!("the password appears in an output:\n{}", &seen[from..(at + 200).min(seen.len())]);
-    }
-}
-
-/// Deletes the test's queues when it ends, passed or not.
-struct Topology(Vec<String>);
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let uris = std::mem::take(&mut self.0);
-        rt().block_on(async {
-            for u in uris {
-                let _ = Amqp::from_uri(&u).unwrap().delete_topology().await;
-            }
-        });
     }
 }
