@@ -33,7 +33,8 @@ pub struct CollectArgs {
 }
 
 pub async fn run(a: CollectArgs) -> anyhow::Result<()> {
-    let q = queue::open(&a.results).await.with_context(|| format!("opening {}", a.results))?;
+    let q =
+        queue::open(&a.results).await.with_context(|| format!("opening {}", cropfleet::secret::redact(&a.results)))?;
     let backend = q.backend();
     let mut consumer = q.consumer(ConsumerOptions { prefetch: 256, ..Default::default() }).await?;
     let mut runs: BTreeMap<String, RunCollector> = BTreeMap::new();

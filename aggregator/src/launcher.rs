@@ -26,6 +26,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use cropfleet::secret::redact;
 
 /// Who starts the workers of each configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -272,7 +273,9 @@ async fn run_template(
     vars: &[(&'static str, &'static str, String)],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    eprintln!("sweep: {what}: {cmd}");
+    // Shown with every credential in a value masked; run with the values as they are.
+    let shown = vars.iter().fold(cmd.to_string(), |shown, (_, _, v)| shown.replace(v.as_str(), &redact(v)));
+    eprintln!("sweep: {what}: {shown}");
     // Output is inherited, not captured: a template that starts background processes must not
     // make us wait for them to close a pipe.
     let mut child = tokio::process::Command::new("sh")
@@ -289,7 +292,7 @@ async fn run_template(
         Ok(status) => {
             let status = status.with_context(|| format!("waiting for the {what} command"))?;
             if !status.success() {
-                bail!("the {what} command failed ({status}): {cmd}");
+                bail!("the {what} command failed ({status}): {shown}");
             }
             Ok(())
         }
@@ -299,7 +302,7 @@ async fn run_template(
                 unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
             }
             let _ = child.kill().await;
-            bail!("the {what} command did not finish within {:.0}s: {cmd}", timeout.as_secs_f64())
+            bail!("the {what} command did not finish within {:.0}s: {shown}", timeout.as_secs_f64())
         }
     }
 }

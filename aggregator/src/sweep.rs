@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use cropfleet::produce::{self, Template};
 use cropfleet::queue::{self, amqp, pubsub, ConsumerOptions, Queue, QueueUri};
+use cropfleet::secret::redact;
 use cropfleet::stats::{RunCollector, RunRecord};
 use cropfleet::task::{CropMode, ResultEvent};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -198,17 +199,17 @@ fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(Stri
                 pubsub::uri_with_name(b, &format!("{name}.{tag}.results"))?,
             ))
         }
-        Some(other) => bail!("sweep cannot derive per-configuration queues from {other:?}"),
+        Some(other) => bail!("sweep cannot derive per-configuration queues from {:?}", redact(other)),
     }
 }
 
 /// Remove what a previous run left in a configuration's queues (spool folders are fresh anyway).
 async fn clear_queue(uri: &str) -> anyhow::Result<()> {
     if uri.starts_with("amqp://") {
-        amqp::Amqp::from_uri(uri)?.delete_topology().await.with_context(|| format!("clearing {uri}"))?;
+        amqp::Amqp::from_uri(uri)?.delete_topology().await.with_context(|| format!("clearing {}", redact(uri)))?;
     }
     if uri.starts_with("pubsub://") {
-        pubsub::PubSub::from_uri(uri)?.delete_all().await.with_context(|| format!("clearing {uri}"))?;
+        pubsub::PubSub::from_uri(uri)?.delete_all().await.with_context(|| format!("clearing {}", redact(uri)))?;
     }
     Ok(())
 }

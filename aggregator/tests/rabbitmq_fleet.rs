@@ -6,25 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use cropfleet::queue::{self, amqp::Amqp};
+use cropfleet::queue;
 
 const CROPS: usize = 8;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
-}
-
-struct Topology(Vec<String>);
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let uris = std::mem::take(&mut self.0);
-        rt().block_on(async {
-            for u in uris {
-                let _ = Amqp::from_uri(&u).unwrap().delete_topology().await;
-            }
-        });
-    }
 }
 
 fn use_amqp(f: &mut Fleet, name: &str) -> Topology {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use cropfleet::logging::{self, LogFormat};
 use cropfleet::produce::{self, Template};
 use cropfleet::queue::{self, Queue};
+use cropfleet::secret::redact;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Enqueue crop tasks. Every flag can also be set by the environment variable shown.
@@ -102,9 +103,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn setup(queue_uri: &str, results_uri: &str) -> anyhow::Result<()> {
     for uri in [queue_uri, results_uri] {
-        let q = queue::open(uri).await.with_context(|| format!("opening {uri}"))?;
-        q.setup().await.with_context(|| format!("setting up {uri}"))?;
-        println!("ready: {uri} ({})", q.backend());
+        let shown = redact(uri);
+        let q = queue::open(uri).await.with_context(|| format!("opening {shown}"))?;
+        q.setup().await.with_context(|| format!("setting up {shown}"))?;
+        println!("ready: {shown} ({})", q.backend());
     }
     Ok(())
 }
@@ -147,10 +149,10 @@ async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
                 .context("invalid task")?
         }
     };
-    let q = queue::open(&a.queue).await.with_context(|| format!("opening {}", a.queue))?;
+    let q = queue::open(&a.queue).await.with_context(|| format!("opening {}", redact(&a.queue)))?;
     let total = tasks.len();
     let (confirmed, err) = publish(&*q, &tasks, a.batch.max(1)).await;
-    println!("run {run_id}: {confirmed} of {total} tasks confirmed by {} ({})", a.queue, q.backend());
+    println!("run {run_id}: {confirmed} of {total} tasks confirmed by {} ({})", redact(&a.queue), q.backend());
     if let Some(e) = err {
         bail!("publishing stopped after {confirmed} of {total} confirmed: {e}");
     }

@@ -1,6 +1,8 @@
 //! The engine on the 12 MP sample (50 crops, quality 85, 4:2:0), one thread:
 //! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit;
-//! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task;
+//! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task (`task_1_thread`: decode, then
+//!   `encode_all`; `job_1_thread`: the same through `engine::run_job`, the function the worker
+//!   schedules, with its header and box checks);
 //! - `progressive/decode`: the same image saved progressive (slow on purpose).
 //!
 //! Run: `cargo bench -p cropfleet --bench engine`.
@@ -88,6 +90,20 @@ fn benches(c: &mut Criterion) {
                 let d = engine::decode(&jpeg, engine::DEFAULT_MAX_PIXELS).unwrap();
                 let n = std::sync::atomic::AtomicUsize::new(0);
                 engine::encode_all(&d, &boxes, 85, |batch| {
+                    let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+                    n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                })
+                .unwrap();
+                black_box(n.into_inner())
+            })
+        })
+    });
+    g.bench_function("job_1_thread", |b| {
+        let spec = engine::JobSpec::default();
+        b.iter(|| {
+            pool.install(|| {
+                let n = std::sync::atomic::AtomicUsize::new(0);
+                engine::run_job(&jpeg[..], &boxes, &spec, |batch| {
                     let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
                     n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 })

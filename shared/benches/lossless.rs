@@ -6,6 +6,8 @@
 //! - `lossless/per_crop_calls_50`: one call per crop, as the `turbojpeg` crate's safe
 //!   `Transformer::transform` does — the trap: every call re-reads the whole source;
 //! - `lossless/default_task_50`: the default mode, decode once + 50 encodes (quality 85);
+//! - `lossless/job_50`: the lossless mode through `engine::run_job`, as the worker runs it
+//!   (header and box checks, then `crop_all_50`'s work, crops handed to a sink);
 //! - `lossless/*_progressive`: the same source saved progressive (the lossless mode then runs
 //!   `tj3Transform`).
 //!
@@ -82,6 +84,18 @@ fn benches(c: &mut Criterion) {
     g.bench_function("crop_all_50", |b| b.iter(|| black_box(lossless_bytes(&jpeg, &boxes))));
     g.bench_function("tj3transform_50", |b| b.iter(|| black_box(tj3_bytes(&jpeg, &boxes))));
     g.bench_function("default_task_50", |b| b.iter(|| black_box(default_task(&jpeg, &boxes))));
+    let lossless_job = engine::JobSpec { mode: engine::CropMode::Lossless, ..engine::JobSpec::default() };
+    g.bench_function("job_50", |b| {
+        b.iter(|| {
+            let n = std::sync::atomic::AtomicUsize::new(0);
+            engine::run_job(&jpeg[..], &boxes, &lossless_job, |batch| {
+                let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+                n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            })
+            .unwrap();
+            black_box(n.into_inner())
+        })
+    });
     g.bench_function("crop_all_50_progressive", |b| b.iter(|| black_box(lossless_bytes(&progressive, &boxes))));
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.bench_function("default_task_50_progressive", |b| b.iter(|| black_box(default_task(&progressive, &boxes))));

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::TaskError;
+use crate::engine::EngineError;
 
 /// Default limit on crops per task.
 pub const DEFAULT_MAX_CROPS: usize = 1000;
@@ -27,8 +27,8 @@ impl std::fmt::Display for CropBox {
 
 impl CropBox {
     /// Check that the box has a positive size and lies inside a `width`×`height` image.
-    pub fn check(&self, index: usize, width: u32, height: u32) -> Result<(), TaskError> {
-        let bad = |reason: String| Err(TaskError::BadBox { index, boxed: self.to_string(), reason });
+    pub fn check(&self, index: usize, width: u32, height: u32) -> Result<(), EngineError> {
+        let bad = |reason: String| Err(EngineError::BadBox { index, boxed: self.to_string(), reason });
         if self.w <= 0 || self.h <= 0 {
             return bad("has zero or negative size".into());
         }
@@ -44,26 +44,26 @@ impl CropBox {
 }
 
 /// Check every box and the count; the error names the first bad box.
-pub fn validate(boxes: &[CropBox], width: u32, height: u32, max_crops: usize) -> Result<(), TaskError> {
+pub fn validate(boxes: &[CropBox], width: u32, height: u32, max_crops: usize) -> Result<(), EngineError> {
     check_count(boxes.len(), max_crops)?;
     boxes.iter().enumerate().try_for_each(|(i, b)| b.check(i, width, height))
 }
 
 /// An empty list or more than `max_crops` boxes is an error.
-pub fn check_count(count: usize, max_crops: usize) -> Result<(), TaskError> {
+pub fn check_count(count: usize, max_crops: usize) -> Result<(), EngineError> {
     if count == 0 {
-        return Err(TaskError::InvalidCrops("the crop list is empty".into()));
+        return Err(EngineError::InvalidCrops("the crop list is empty".into()));
     }
     if count > max_crops {
-        return Err(TaskError::TooManyCrops { count, limit: max_crops });
+        return Err(EngineError::TooManyCrops { count, limit: max_crops });
     }
     Ok(())
 }
 
 /// Parse a CSV crop list: a header line naming the columns `x`, `y`, `w`, `h` (any order,
 /// other columns ignored), then one integer row per box. Blank lines are skipped.
-pub fn parse_csv(text: &str) -> Result<Vec<CropBox>, TaskError> {
-    let bad = |msg: String| TaskError::InvalidCrops(msg);
+pub fn parse_csv(text: &str) -> Result<Vec<CropBox>, EngineError> {
+    let bad = |msg: String| EngineError::InvalidCrops(msg);
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let (_, header) = lines.next().ok_or_else(|| bad("the CSV is empty (expected a header `x,y,w,h`)".into()))?;
     let names: Vec<String> =
@@ -101,7 +101,7 @@ pub fn to_csv(boxes: &[CropBox]) -> String {
 
 /// Parse the producer's inline form `x,y,w,h;x,y,w,h;…`. Returns `None` when `s` is not in
 /// that form (then it is a URI).
-pub fn parse_inline(s: &str) -> Option<Result<Vec<CropBox>, TaskError>> {
+pub fn parse_inline(s: &str) -> Option<Result<Vec<CropBox>, EngineError>> {
     let s = s.trim();
     if s.is_empty() || !s.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | ';' | '-' | ' ')) {
         return None;
@@ -113,13 +113,14 @@ pub fn parse_inline(s: &str) -> Option<Result<Vec<CropBox>, TaskError>> {
             .map(|(i, part)| {
                 let v: Vec<i64> =
                     part.split(',').map(|f| f.trim().parse()).collect::<Result<_, _>>().map_err(|_| {
-                        TaskError::InvalidCrops(format!("inline box #{i} {part:?} is not four integers x,y,w,h"))
+                        EngineError::InvalidCrops(format!("inline box #{i} {part:?} is not four integers x,y,w,h"))
                     })?;
                 match v[..] {
                     [x, y, w, h] => Ok(CropBox { x, y, w, h }),
-                    _ => {
-                        Err(TaskError::InvalidCrops(format!("inline box #{i} {part:?} has {} values, not 4", v.len())))
-                    }
+                    _ => Err(EngineError::InvalidCrops(format!(
+                        "inline box #{i} {part:?} has {} values, not 4",
+                        v.len()
+                    ))),
                 }
             })
             .collect(),
@@ -166,7 +167,7 @@ mod tests {
             assert!(e.contains(want) && e.contains("crop #3"), "{e}");
         }
         assert!(validate(&[], 10, 10, 5).unwrap_err().to_string().contains("empty"));
-        assert!(matches!(validate(&[ok; 6], 100, 50, 5), Err(TaskError::TooManyCrops { count: 6, limit: 5 })));
+        assert!(matches!(validate(&[ok; 6], 100, 50, 5), Err(EngineError::TooManyCrops { count: 6, limit: 5 })));
     }
 
     #[test]

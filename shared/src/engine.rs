@@ -1,4 +1,6 @@
-//! The CPU engine: probe, decode once, orient, cut crops as views, encode them. No I/O.
+//! The CPU engine: probe, decode once, orient, cut crops as views, encode them. No I/O, and no
+//! knowledge of queues, storage or the worker: its errors are its own ([`EngineError`]), and the
+//! whole CPU job of a task is one synchronous call ([`run_job`]).
 //!
 //! JPEG goes through libjpeg-turbo (SIMD); PNG and WebP through the `image` crate. Decoded
 //! pixels are packed RGB8. Per-thread libjpeg-turbo handles and output buffers are reused, and
@@ -11,8 +13,13 @@ use std::sync::Mutex;
 use turbojpeg::{Colorspace, Compressor, Decompressor, Image, PixelFormat, Subsamp};
 
 use crate::crops::CropBox;
-use crate::error::TaskError;
 use crate::exif;
+
+mod error;
+mod job;
+
+pub use error::EngineError;
+pub use job::{run_job, CropBatch, CropMode, JobReport, JobSpec, JobTimings};
 
 /// Default limit on source pixels (width × height), checked from the header before decoding.
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
@@ -46,9 +53,9 @@ impl ImageInfo {
 }
 
 /// Sniff the format from magic bytes.
-pub fn sniff(bytes: &[u8]) -> Result<Format, TaskError> {
+pub fn sniff(bytes: &[u8]) -> Result<Format, EngineError> {
     if bytes.is_empty() {
-        return Err(TaskError::Decode("the source is empty (0 bytes)".into()));
+        return Err(EngineError::Decode("the source is empty (0 bytes)".into()));
     }
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         Ok(Format::Jpeg)
@@ -58,24 +65,24 @@ pub fn sniff(bytes: &[u8]) -> Result<Format, TaskError> {
         Ok(Format::WebP)
     } else {
         let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Err(TaskError::Decode(format!("not a JPEG, PNG or WebP image (starts with {head})")))
+        Err(EngineError::Decode(format!("not a JPEG, PNG or WebP image (starts with {head})")))
     }
 }
 
 /// Read format, size and orientation from the header only, and enforce the pixel limit —
 /// a 30000×30000 PNG header is rejected here without allocating its pixels.
-pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, TaskError> {
+pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, EngineError> {
     let format = sniff(bytes)?;
     let (width, height, orientation) = match format {
         Format::Jpeg => {
             let header = with_decompressor(|d| d.read_header(bytes))
-                .map_err(|e| TaskError::Decode(format!("bad JPEG header: {e}")))?;
+                .map_err(|e| EngineError::Decode(format!("bad JPEG header: {e}")))?;
             (header.width as u32, header.height as u32, exif::jpeg_orientation(bytes).unwrap_or(1))
         }
         Format::Png if png_header(bytes).is_some_and(|(w, h)| w as u64 * h as u64 > max_pixels) => {
             // Reject bombs from the IHDR alone, before any decoder reads further.
             let (w, h) = png_header(bytes).expect("checked above");
-            return Err(TaskError::TooManyPixels {
+            return Err(EngineError::TooManyPixels {
                 width: w as u64,
                 height: h as u64,
                 pixels: w as u64 * h as u64,
@@ -91,11 +98,16 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, TaskError> {
         }
     };
     if width == 0 || height == 0 {
-        return Err(TaskError::Decode(format!("image has zero size {width}x{height}")));
+        return Err(EngineError::Decode(format!("image has zero size {width}x{height}")));
     }
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
-        return Err(TaskError::TooManyPixels { width: width as u64, height: height as u64, pixels, limit: max_pixels });
+        return Err(EngineError::TooManyPixels {
+            width: width as u64,
+            height: height as u64,
+            pixels,
+            limit: max_pixels,
+        });
     }
     Ok(ImageInfo { format, width, height, orientation })
 }
@@ -109,9 +121,9 @@ fn png_header(bytes: &[u8]) -> Option<(u32, u32)> {
     Some((be(16), be(20)))
 }
 
-fn image_decoder(bytes: &[u8], format: Format) -> Result<Box<dyn image::ImageDecoder + '_>, TaskError> {
+fn image_decoder(bytes: &[u8], format: Format) -> Result<Box<dyn image::ImageDecoder + '_>, EngineError> {
     let cursor = std::io::Cursor::new(bytes);
-    let err = |e: image::ImageError| TaskError::Decode(e.to_string());
+    let err = |e: image::ImageError| EngineError::Decode(e.to_string());
     Ok(match format {
         Format::Png => Box::new(image::codecs::png::PngDecoder::new(cursor).map_err(err)?),
         Format::WebP => Box::new(image::codecs::webp::WebPDecoder::new(cursor).map_err(err)?),
@@ -251,7 +263,7 @@ impl Decoded {
 }
 
 /// Decode a source image once: header check (pixel limit), decode, EXIF orientation.
-pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TaskError> {
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, EngineError> {
     let info = probe(bytes, max_pixels)?;
     let (w, h) = (info.width as usize, info.height as usize);
     let mut pixels = match info.format {
@@ -260,8 +272,8 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TaskError> {
             let mut dec = image_decoder(bytes, info.format)?;
             let mut limits = image::Limits::default();
             limits.max_alloc = Some(max_pixels.saturating_mul(8));
-            dec.set_limits(limits).map_err(|e| TaskError::Decode(e.to_string()))?;
-            let img = image::DynamicImage::from_decoder(dec).map_err(|e| TaskError::Decode(e.to_string()))?;
+            dec.set_limits(limits).map_err(|e| EngineError::Decode(e.to_string()))?;
+            let img = image::DynamicImage::from_decoder(dec).map_err(|e| EngineError::Decode(e.to_string()))?;
             let rgb = img.into_rgb8();
             let mut buf = PooledBuf::take(rgb.len());
             buf.copy_from_slice(rgb.as_raw());
@@ -277,10 +289,10 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TaskError> {
     Ok(Decoded { pixels, width, height, info })
 }
 
-fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError> {
-    let header =
-        with_decompressor(|d| d.read_header(bytes)).map_err(|e| TaskError::Decode(format!("bad JPEG header: {e}")))?;
-    let err = |e: turbojpeg::Error| TaskError::Decode(format!("corrupt or truncated JPEG: {e}"));
+fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, EngineError> {
+    let header = with_decompressor(|d| d.read_header(bytes))
+        .map_err(|e| EngineError::Decode(format!("bad JPEG header: {e}")))?;
+    let err = |e: turbojpeg::Error| EngineError::Decode(format!("corrupt or truncated JPEG: {e}"));
     let mut rgb = PooledBuf::take(w * h * 3);
     if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
         // libjpeg-turbo cannot convert CMYK to RGB itself; decode CMYK and convert here.
@@ -320,8 +332,8 @@ fn decode_jpeg(bytes: &[u8], w: usize, h: usize) -> Result<PooledBuf, TaskError>
 // Encode
 
 /// Encode one crop of `img` as a baseline JPEG (4:2:0) at `quality`.
-pub fn encode_crop(img: &Decoded, index: usize, b: &CropBox, quality: u8) -> Result<Vec<u8>, TaskError> {
-    encode_rgb(img.view(b), quality).map_err(|e| TaskError::Encode { index, reason: e.to_string() })
+pub fn encode_crop(img: &Decoded, index: usize, b: &CropBox, quality: u8) -> Result<Vec<u8>, EngineError> {
+    encode_rgb(img.view(b), quality).map_err(|e| EngineError::Encode { index, reason: e.to_string() })
 }
 
 /// Encode packed (possibly strided) RGB pixels as JPEG 4:2:0, reusing this thread's compressor
@@ -357,7 +369,7 @@ fn compress(c: &mut Compressor, out: &mut Vec<u8>, image: Image<&[u8]>, quality:
 /// small batches as soon as each batch is ready (from whichever pool thread encoded it).
 /// Batching (about four per pool thread) keeps the crops flowing early while cutting the
 /// cross-thread wake-ups per task from one per crop to a handful. Boxes must be checked first.
-pub fn encode_all<F>(img: &Decoded, boxes: &[CropBox], quality: u8, sink: F) -> Result<(), TaskError>
+pub fn encode_all<F>(img: &Decoded, boxes: &[CropBox], quality: u8, sink: F) -> Result<(), EngineError>
 where
     F: Fn(Vec<(usize, Vec<u8>)>) + Sync,
 {
@@ -392,7 +404,7 @@ mod tests {
         let d = decode(&j, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!((d.width, d.height), (320, 200));
         let e = decode(&j, 1000).unwrap_err();
-        assert!(matches!(e, TaskError::TooManyPixels { pixels: 64000, .. }), "{e}");
+        assert!(matches!(e, EngineError::TooManyPixels { pixels: 64000, .. }), "{e}");
         assert!(decode(b"", 10).unwrap_err().to_string().contains("empty"));
         assert!(decode(b"GIF89a....", 10).unwrap_err().to_string().contains("not a JPEG, PNG or WebP"));
         let truncated = &j[..j.len() / 2];
@@ -480,7 +492,7 @@ mod tests {
         png.extend_from_slice(&ihdr);
         png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
         let e = decode(&png, DEFAULT_MAX_PIXELS).unwrap_err();
-        assert!(matches!(e, TaskError::TooManyPixels { width: 30000, height: 30000, .. }), "{e}");
+        assert!(matches!(e, EngineError::TooManyPixels { width: 30000, height: 30000, .. }), "{e}");
     }
 
     pub(crate) fn crc32(data: &[u8]) -> u32 {

@@ -1,19 +1,16 @@
 //! Task errors, classified as permanent (dead-letter now) or transient (retry with backoff).
 //!
 //! The split follows pict-rs's Abort vs Retry: bad input never gets better by retrying, while a
-//! broker or storage outage usually does.
+//! broker or storage outage usually does. A task error is a task-level problem (the message), or
+//! wraps the error of the part that failed: the engine, storage or the queue, each of which
+//! defines its own and knows nothing of the others.
 
 use thiserror::Error;
 
-/// Whether a failed task should be retried or dead-lettered at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Failure {
-    /// Bad input: retrying cannot help; the message goes to the dead-letter destination.
-    Permanent,
-    /// An outage or timeout: the message is retried with backoff, up to the attempt limit.
-    Transient,
-}
+use crate::engine::EngineError;
+pub use crate::failure::Failure;
+use crate::queue::QueueError;
+use crate::storage::StorageError;
 
 /// Everything that can go wrong while processing one task.
 #[derive(Debug, Error)]
@@ -24,24 +21,14 @@ pub enum TaskError {
     UnsupportedVersion { found: u64, supported: u64 },
     #[error("invalid task {field}: {reason}")]
     InvalidField { field: &'static str, reason: String },
-    #[error("invalid crop list: {0}")]
-    InvalidCrops(String),
-    #[error("crop #{index} {boxed} {reason}")]
-    BadBox { index: usize, boxed: String, reason: String },
-    #[error("too many crops: {count} > limit {limit}")]
-    TooManyCrops { count: usize, limit: usize },
-    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
-    TooManyPixels { width: u64, height: u64, pixels: u64, limit: u64 },
-    #[error("source {uri} is {size} bytes, over the limit of {limit} bytes")]
-    TooLarge { uri: String, size: u64, limit: u64 },
-    #[error("cannot decode image: {0}")]
-    Decode(String),
-    #[error("cannot encode crop #{index}: {reason}")]
-    Encode { index: usize, reason: String },
+    /// Crop list, limits, decode or encode (its message is the engine's, unchanged).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     #[error("storage: {0}")]
-    Storage(#[from] crate::storage::StorageError),
+    Storage(#[from] StorageError),
     #[error("queue: {0}")]
-    Queue(#[from] crate::queue::QueueError),
+    Queue(#[from] QueueError),
+    /// A failure of the worker itself (a panicking CPU job, a dropped upload task).
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -51,7 +38,8 @@ impl TaskError {
     pub fn failure(&self) -> Failure {
         match self {
             TaskError::Storage(e) => e.failure(),
-            TaskError::Queue(_) | TaskError::Internal(_) => Failure::Transient,
+            TaskError::Engine(e) if e.is_permanent() => Failure::Permanent,
+            TaskError::Engine(_) | TaskError::Queue(_) | TaskError::Internal(_) => Failure::Transient,
             _ => Failure::Permanent,
         }
     }
@@ -62,13 +50,7 @@ impl TaskError {
             TaskError::MalformedTask(_) => "malformed_task",
             TaskError::UnsupportedVersion { .. } => "unsupported_version",
             TaskError::InvalidField { .. } => "invalid_field",
-            TaskError::InvalidCrops(_) => "invalid_crops",
-            TaskError::BadBox { .. } => "bad_box",
-            TaskError::TooManyCrops { .. } => "too_many_crops",
-            TaskError::TooManyPixels { .. } => "too_many_pixels",
-            TaskError::TooLarge { .. } => "too_large",
-            TaskError::Decode(_) => "decode",
-            TaskError::Encode { .. } => "encode",
+            TaskError::Engine(e) => e.kind(),
             TaskError::Storage(e) if e.failure() == Failure::Permanent => "storage_permanent",
             TaskError::Storage(_) => "storage",
             TaskError::Queue(_) => "queue",

@@ -1,33 +1,42 @@
 //! EXIF orientation: read the tag from a JPEG's APP1 segment and turn RGB pixels upright,
-//! so that crop boxes refer to the image as a person sees it.
+//! so that crop boxes refer to the image as a person sees it. Also the walk over a JPEG's header
+//! segments ([`header_segments`]) that finds it, shared with the lossless path.
+
+/// The marker segments of a JPEG's header, in order: `(marker, payload)` for every segment
+/// before the first scan (SOS) or the end of the image, the payload without its length field.
+/// Stops at the first malformed segment (no marker where one belongs, a length past the end).
+/// The one walk over a JPEG header: EXIF orientation here, the frame header in
+/// [`crate::lossless`].
+pub fn header_segments(jpeg: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut i = if jpeg.starts_with(&[0xFF, 0xD8]) { 2 } else { jpeg.len() };
+    std::iter::from_fn(move || {
+        while i + 4 <= jpeg.len() {
+            if jpeg[i] != 0xFF {
+                return None;
+            }
+            let marker = jpeg[i + 1];
+            if marker == 0xFF {
+                i += 1; // fill byte
+                continue;
+            }
+            if marker == 0xDA || marker == 0xD9 {
+                return None; // start of scan / end of image: the header is over
+            }
+            let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+            let seg = jpeg.get(i + 4..i + 2 + len)?;
+            i += 2 + len;
+            return Some((marker, seg));
+        }
+        None
+    })
+}
 
 /// The EXIF orientation of a JPEG (1 = upright, 2–8 = flipped and/or rotated), if it has one.
 /// Malformed EXIF data is ignored (treated as upright), as viewers do.
 pub fn jpeg_orientation(jpeg: &[u8]) -> Option<u8> {
-    if jpeg.len() < 4 || jpeg[0] != 0xFF || jpeg[1] != 0xD8 {
-        return None;
-    }
-    let mut i = 2;
-    while i + 4 <= jpeg.len() {
-        if jpeg[i] != 0xFF {
-            return None;
-        }
-        let marker = jpeg[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
-        }
-        if marker == 0xDA || marker == 0xD9 {
-            return None; // start of scan / end of image: no EXIF before the pixels
-        }
-        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
-        let seg = jpeg.get(i + 4..i + 2 + len)?;
-        if marker == 0xE1 && seg.starts_with(b"Exif\0\0") {
-            return tiff_orientation(&seg[6..]);
-        }
-        i += 2 + len;
-    }
-    None
+    header_segments(jpeg)
+        .find(|(marker, seg)| *marker == 0xE1 && seg.starts_with(b"Exif\0\0"))
+        .and_then(|(_, seg)| tiff_orientation(&seg[6..]))
 }
 
 fn tiff_orientation(t: &[u8]) -> Option<u8> {

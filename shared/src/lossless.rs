@@ -76,8 +76,7 @@ use libc::c_int;
 use turbojpeg_sys as sys;
 
 use crate::crops::CropBox;
-use crate::engine::{self, Format};
-use crate::error::TaskError;
+use crate::engine::{self, EngineError, Format};
 use crate::exif;
 
 /// One crop cut losslessly: a complete JPEG file and the box it actually covers.
@@ -131,11 +130,11 @@ pub fn snap(b: &CropBox, layout: &Layout) -> CropBox {
 /// Cut every box out of `jpeg` losslessly, in one `tj3Transform` call, returning the crops in
 /// the order of `boxes`.
 ///
-/// Boxes are checked against the displayed size ([`TaskError::BadBox`] names the first bad
-/// one). A source that [`can_transform`] refuses gives [`TaskError::Decode`] with the reason, so
+/// Boxes are checked against the displayed size ([`EngineError::BadBox`] names the first bad
+/// one). A source that [`can_transform`] refuses gives [`EngineError::Decode`] with the reason, so
 /// call that first to choose between this and the decode path. A corrupt or truncated JPEG gives
-/// [`TaskError::Decode`] (libjpeg-turbo's warnings count as errors, as in the decode path).
-pub fn crop_all(jpeg: &[u8], boxes: &[CropBox]) -> Result<Vec<LosslessCrop>, TaskError> {
+/// [`EngineError::Decode`] (libjpeg-turbo's warnings count as errors, as in the decode path).
+pub fn crop_all(jpeg: &[u8], boxes: &[CropBox]) -> Result<Vec<LosslessCrop>, EngineError> {
     crop_all_with(jpeg, boxes, Method::Fastest)
 }
 
@@ -151,14 +150,14 @@ pub enum Method {
 
 /// [`crop_all`] with the method chosen: both write crops with the same coefficients, so they
 /// decode to the same pixels.
-pub fn crop_all_with(jpeg: &[u8], boxes: &[CropBox], method: Method) -> Result<Vec<LosslessCrop>, TaskError> {
+pub fn crop_all_with(jpeg: &[u8], boxes: &[CropBox], method: Method) -> Result<Vec<LosslessCrop>, EngineError> {
     let res = with_handle(|h| {
         Ok(match plan(h, jpeg) {
             Ok(plan) => transform(h, jpeg, &plan, boxes, method),
-            Err(reason) => Err(TaskError::Decode(format!("cannot crop losslessly: {reason}"))),
+            Err(reason) => Err(EngineError::Decode(format!("cannot crop losslessly: {reason}"))),
         })
     });
-    res.unwrap_or_else(|e| Err(TaskError::Internal(e)))
+    res.unwrap_or_else(|e| Err(EngineError::Internal(e)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,40 +218,18 @@ struct Frame {
 
 /// The frame header, or `None` when no well-formed SOF marker precedes the first scan.
 fn frame_header(jpeg: &[u8]) -> Option<Frame> {
-    if !jpeg.starts_with(&[0xFF, 0xD8]) {
-        return None;
+    let is_sof = |m: u8| (0xC0..=0xCF).contains(&m) && !matches!(m, 0xC4 | 0xC8 | 0xCC);
+    let (_, seg) = exif::header_segments(jpeg).find(|(marker, _)| is_sof(*marker))?;
+    // precision, height(2), width(2), count, then (id, h<<4|v, table) per component.
+    let be16 = |o: usize| seg.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u32);
+    let (height, width, count) = (be16(1)?, be16(3)?, *seg.get(5)?);
+    let comps = seg.get(6..6 + 3 * count as usize)?;
+    let (mut h, mut v) = (1u8, 1u8);
+    for c in comps.chunks_exact(3) {
+        h = h.max(c[1] >> 4);
+        v = v.max(c[1] & 0x0F);
     }
-    let mut i = 2;
-    while i + 4 <= jpeg.len() {
-        if jpeg[i] != 0xFF {
-            return None;
-        }
-        let marker = jpeg[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
-        }
-        if marker == 0xDA || marker == 0xD9 {
-            return None;
-        }
-        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
-        let seg = jpeg.get(i + 4..i + 2 + len)?;
-        let is_sof = (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
-        if is_sof {
-            // precision, height(2), width(2), count, then (id, h<<4|v, table) per component.
-            let be16 = |o: usize| seg.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u32);
-            let (height, width, count) = (be16(1)?, be16(3)?, *seg.get(5)?);
-            let comps = seg.get(6..6 + 3 * count as usize)?;
-            let (mut h, mut v) = (1u8, 1u8);
-            for c in comps.chunks_exact(3) {
-                h = h.max(c[1] >> 4);
-                v = v.max(c[1] & 0x0F);
-            }
-            return Some(Frame { width, height, components: count, hmax: h, vmax: v });
-        }
-        i += 2 + len;
-    }
-    None
+    Some(Frame { width, height, components: count, hmax: h, vmax: v })
 }
 
 fn plan(h: &mut Handle, jpeg: &[u8]) -> Result<Plan, String> {
@@ -260,7 +237,7 @@ fn plan(h: &mut Handle, jpeg: &[u8]) -> Result<Plan, String> {
         Ok(Format::Jpeg) => {}
         Ok(Format::Png) => return Err("the source is a PNG, not a JPEG".into()),
         Ok(Format::WebP) => return Err("the source is a WebP, not a JPEG".into()),
-        Err(TaskError::Decode(m)) => return Err(m),
+        Err(EngineError::Decode(m)) => return Err(m),
         Err(e) => return Err(e.to_string()),
     }
     let frame = frame_header(jpeg).ok_or("unreadable JPEG header: no frame (SOF) marker before the first scan")?;
@@ -324,7 +301,7 @@ fn transform(
     plan: &Plan,
     boxes: &[CropBox],
     method: Method,
-) -> Result<Vec<LosslessCrop>, TaskError> {
+) -> Result<Vec<LosslessCrop>, EngineError> {
     let layout = &plan.layout;
     let mut snapped = Vec::with_capacity(boxes.len());
     for (i, b) in boxes.iter().enumerate() {
@@ -343,7 +320,7 @@ fn transform(
             Err(reason) => tracing::debug!(%reason, "bit-copy crops declined the source; using tj3Transform"),
         }
     }
-    let n = c_int::try_from(boxes.len()).map_err(|_| TaskError::InvalidCrops(format!("{} boxes", boxes.len())))?;
+    let n = c_int::try_from(boxes.len()).map_err(|_| EngineError::InvalidCrops(format!("{} boxes", boxes.len())))?;
     // Boxes fit in the image (checked above), whose sides fit in a c_int (TurboJPEG's).
     let transforms: Vec<sys::tjtransform> = snapped
         .iter()
@@ -355,15 +332,15 @@ fn transform(
             customFilter: None,
         })
         .collect();
-    let decode_err = |h: &mut Handle| TaskError::Decode(format!("lossless crop failed: {}", h.error()));
+    let decode_err = |h: &mut Handle| EngineError::Decode(format!("lossless crop failed: {}", h.error()));
 
     // Reading the header set the handle's progressive/arithmetic parameters from the source,
     // and tj3Transform would write every crop that way; crops are baseline Huffman (module docs).
-    h.set(sys::TJPARAM_TJPARAM_PROGRESSIVE, 0).map_err(TaskError::Internal)?;
-    h.set(sys::TJPARAM_TJPARAM_ARITHMETIC, 0).map_err(TaskError::Internal)?;
+    h.set(sys::TJPARAM_TJPARAM_PROGRESSIVE, 0).map_err(EngineError::Internal)?;
+    h.set(sys::TJPARAM_TJPARAM_ARITHMETIC, 0).map_err(EngineError::Internal)?;
     // libjpeg-turbo allocates every output: with our own buffers *and* reallocation allowed, its
     // destination manager can free a buffer of an earlier transform when it grows one.
-    h.set(sys::TJPARAM_TJPARAM_NOREALLOC, 0).map_err(TaskError::Internal)?;
+    h.set(sys::TJPARAM_TJPARAM_NOREALLOC, 0).map_err(EngineError::Internal)?;
     let mut out = Outputs::new(boxes.len());
     // SAFETY: `jpeg` is readable for its length; `ptrs`/`sizes`/`transforms` hold `n` entries;
     // every `ptrs[i]` is NULL, so the library allocates it (`Outputs` frees it).
@@ -387,7 +364,7 @@ fn transform(
     for (i, s) in snapped.into_iter().enumerate() {
         let (ptr, len) = (out.ptrs[i], out.sizes[i] as usize);
         if ptr.is_null() || len == 0 {
-            return Err(TaskError::Internal(format!("lossless crop #{i}: libjpeg-turbo wrote no output")));
+            return Err(EngineError::Internal(format!("lossless crop #{i}: libjpeg-turbo wrote no output")));
         }
         // SAFETY: after a successful call `ptrs[i]` holds `sizes[i]` bytes of JPEG.
         let jpeg = unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();

@@ -2,6 +2,7 @@
 //! a JSONL manifest (one task object per line).
 
 use crate::crops::{self, CropBox};
+use crate::engine::EngineError;
 use crate::error::TaskError;
 use crate::task::{CropMode, CropsSpec, Task, TASK_VERSION};
 use crate::util::now_ms;
@@ -16,7 +17,7 @@ pub fn crops_spec(value: &str) -> Result<CropsSpec, TaskError> {
     let v = value.trim();
     if v.starts_with('[') {
         let boxes: Vec<CropBox> =
-            serde_json::from_str(v).map_err(|e| TaskError::InvalidCrops(format!("inline JSON boxes: {e}")))?;
+            serde_json::from_str(v).map_err(|e| EngineError::InvalidCrops(format!("inline JSON boxes: {e}")))?;
         return Ok(CropsSpec::Inline(boxes));
     }
     match crops::parse_inline(v) {

@@ -26,37 +26,7 @@ pub enum CropsSpec {
     Uri(String),
 }
 
-/// How crops are produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CropMode {
-    /// Decode once, cut, re-encode every crop as JPEG (default).
-    #[default]
-    Decode,
-    /// JPEG sources only: cut in the DCT domain, no decode, no re-encode, no generation loss;
-    /// boxes snap outward to the iMCU grid. Other sources fall back to `decode`.
-    Lossless,
-}
-
-impl std::str::FromStr for CropMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "decode" => Ok(CropMode::Decode),
-            "lossless" => Ok(CropMode::Lossless),
-            other => Err(format!("unknown crop mode {other:?} (decode, lossless)")),
-        }
-    }
-}
-
-impl std::fmt::Display for CropMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CropMode::Decode => "decode",
-            CropMode::Lossless => "lossless",
-        })
-    }
-}
+pub use crate::engine::CropMode;
 
 /// One unit of work: cut every box of `crops` out of `image`, store them under `output`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,7 +140,7 @@ pub fn validate_output(output: &str) -> Result<(), TaskError> {
     let trimmed = output.trim();
     let path = trimmed.split_once("://").map(|(_, rest)| rest).unwrap_or(trimmed);
     if path.split(['/', '\\']).any(|seg| seg == "..") {
-        return bad(format!("{output:?} contains a '..' segment"));
+        return bad(format!("{:?} contains a '..' segment", crate::secret::redact(output)));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The worker loop: take tasks from a queue, run each through download → decode → crop+encode →
-//! upload, publish the result event, then ack. CPU work runs on a dedicated rayon pool; the
+//! The worker loop: take tasks from a queue, run each through its stages (read the task, fetch
+//! inputs, the CPU job, uploads as crops arrive, the result event; see `handle`), publish the
+//! result event, then ack. CPU work runs on a dedicated rayon pool; the
 //! async runtime only moves bytes. At most `prefetch` tasks are held at once, so downloads of the
 //! next tasks overlap the CPU work of the current one; uploads start as each crop is encoded.
 
@@ -14,10 +15,10 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::crops::{self, CropBox};
-use crate::engine;
+use crate::engine::{self, CropBatch, EngineError, JobReport, JobSpec};
 use crate::error::{Failure, TaskError};
-use crate::lossless;
 use crate::queue::{ConsumerOptions, Delivery, Queue, QueueError};
+use crate::secret::redact;
 use crate::storage::{Location, Storage};
 use crate::task::{CropMode, CropsSpec, ResultEvent, StageTimes, Task, RESULT_VERSION};
 use crate::telemetry as tm;
@@ -252,7 +253,6 @@ async fn process(ctx: &Ctx, d: Delivery) {
     let span = info_span!("task", task_id = %task_id, msg = %id, attempt);
     async move {
         let result = handle(ctx, &payload, attempt).await;
-        let cfg = &ctx.cfg;
         let settled = match result {
             Ok(ev) => match ctx.results.publish(&ev.to_json()).await {
                 Ok(()) => {
@@ -277,7 +277,6 @@ async fn process(ctx: &Ctx, d: Delivery) {
         if let Err(e) = settled {
             warn!(error = %e, "could not settle the message; it will be redelivered");
         }
-        let _ = cfg;
     }
     .instrument(span)
     .await
@@ -323,41 +322,57 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn load_boxes(storage: &Storage, spec: &CropsSpec, max_bytes: u64) -> Result<Vec<CropBox>, TaskError> {
-    match spec {
-        CropsSpec::Inline(b) => Ok(b.clone()),
-        CropsSpec::Uri(u) => {
-            let loc = Location::parse(u)?;
-            let bytes = storage.get(&loc, max_bytes.min(16 * 1024 * 1024)).await?;
-            let text =
-                String::from_utf8(bytes).map_err(|_| TaskError::InvalidCrops(format!("{u} is not UTF-8 text")))?;
-            crops::parse_csv(&text)
-        }
-    }
-}
-
-struct CpuDone {
-    decode: Duration,
-    encode: Duration,
-    width: u32,
-    height: u32,
-    mode: CropMode,
-    fallback: Option<String>,
-    written: Option<Vec<CropBox>>,
-}
-
-/// Crops per message from the CPU pool to the uploader in lossless mode (all crops of a task
-/// come out of one libjpeg-turbo call at once).
-const LOSSLESS_BATCH: usize = 8;
+// ---------------------------------------------------------------------------------------------
+// The task path: read the message, fetch inputs, the CPU job, uploads as crops arrive, the result
+// event and metrics. `handle` runs these stages in order; each is a function below it.
 
 /// Run one task to the point where every crop is stored; returns its result event.
 async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, TaskError> {
-    let cfg = &ctx.cfg;
-    let t0 = Instant::now();
+    let started = Instant::now();
     let started_ms = now_ms();
+    let plan = read_task(&ctx.cfg, &ctx.storage, payload)?;
+    let (source, boxes) = fetch_inputs(ctx, &plan).await?;
+    let download = started.elapsed();
+    let boxes = Arc::new(boxes);
+    let (crops, cpu_job) = schedule_cpu_job(ctx, source, boxes.clone(), plan.spec).await;
+    let mut uploads = Uploads::default();
+    uploads.store_as_ready(ctx, &plan.out, crops).await;
+    let report = match cpu_job.await {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => {
+            uploads.abort();
+            return Err(e);
+        }
+        Err(_) => return Err(TaskError::Internal("CPU pool dropped the job".into())),
+    };
+    let bytes = uploads.finish().await?;
+    let stages = StageTimes {
+        queue_wait: plan.task.enqueued_ms.map(|e| started_ms.saturating_sub(e) as f64).unwrap_or(0.0),
+        download: ms(download),
+        decode: ms(report.timings.decode),
+        crop_encode: ms(report.timings.crop_encode),
+        upload: ms(uploads.since_first_crop()),
+        total: ms(started.elapsed()),
+    };
+    record_metrics(&stages, boxes.len(), bytes);
+    Ok(result_event(&ctx.cfg, &plan, attempt, started_ms, report, bytes, stages, boxes.len()))
+}
+
+/// A task whose message was read and checked: where its inputs and outputs are, how to cut.
+struct Plan {
+    task: Task,
+    image: Location,
+    /// `{output}/{task id}`: the folder or prefix its crops go to.
+    out: Location,
+    spec: JobSpec,
+}
+
+/// Stage 1: parse and check the message, before any download. Locations without a backend in
+/// this worker (e.g. gs:// on a worker without Cloud Storage) fail here, permanently, naming
+/// the URI.
+fn read_task(cfg: &WorkerConfig, storage: &Storage, payload: &[u8]) -> Result<Plan, TaskError> {
     let task = Task::parse(payload)?;
-    let queue_wait = task.enqueued_ms.map(|e| started_ms.saturating_sub(e) as f64).unwrap_or(0.0);
-    let image_loc = Location::parse(&task.image)?;
+    let image = Location::parse(&task.image)?;
     let out = Location::parse(&task.output)?;
     if matches!(out, Location::Http(_)) {
         return Err(TaskError::InvalidField {
@@ -365,141 +380,140 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
             reason: "http(s) outputs are not supported (read-only)".into(),
         });
     }
-    // Fail before any download when a location has no backend in this worker (e.g. gs:// on
-    // a worker without Cloud Storage): a permanent error naming the URI.
-    ctx.storage.check(&image_loc)?;
-    ctx.storage.check(&out)?;
+    storage.check(&image)?;
+    storage.check(&out)?;
     let out = out.join(&task.id);
-    let (img, boxes) = tokio::try_join!(
-        async { ctx.storage.get(&image_loc, cfg.max_source_bytes).await.map_err(TaskError::from) },
-        load_boxes(&ctx.storage, &task.crops, cfg.max_source_bytes),
-    )?;
-    let download = t0.elapsed();
-    crops::check_count(boxes.len(), cfg.max_crops)?;
-    let quality = task.quality.unwrap_or(cfg.quality);
-    let mode = task.crop_mode.unwrap_or(cfg.crop_mode);
+    let spec = JobSpec {
+        mode: task.crop_mode.unwrap_or(cfg.crop_mode),
+        quality: task.quality.unwrap_or(cfg.quality),
+        max_pixels: cfg.max_pixels,
+        max_crops: cfg.max_crops,
+    };
+    Ok(Plan { task, image, out, spec })
+}
 
-    // CPU: decode once, then encode crops in parallel; each crop flows back as soon as it is ready.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(usize, Vec<u8>)>>();
-    let (done_tx, done_rx) = oneshot::channel::<Result<CpuDone, TaskError>>();
-    let (max_pixels, max_crops) = (cfg.max_pixels, cfg.max_crops);
-    let boxes = Arc::new(boxes);
-    let cpu_boxes = boxes.clone();
-    let cpu_permit = ctx.cpu_jobs.clone().acquire_owned().await.expect("semaphore never closed");
+/// Stage 2: the source image and the crop boxes, downloaded at once.
+async fn fetch_inputs(ctx: &Ctx, plan: &Plan) -> Result<(Vec<u8>, Vec<CropBox>), TaskError> {
+    let max = ctx.cfg.max_source_bytes;
+    let (source, boxes) = tokio::try_join!(
+        async { ctx.storage.get(&plan.image, max).await.map_err(TaskError::from) },
+        load_boxes(&ctx.storage, &plan.task.crops, max),
+    )?;
+    crops::check_count(boxes.len(), ctx.cfg.max_crops)?;
+    Ok((source, boxes))
+}
+
+async fn load_boxes(storage: &Storage, spec: &CropsSpec, max_bytes: u64) -> Result<Vec<CropBox>, TaskError> {
+    match spec {
+        CropsSpec::Inline(b) => Ok(b.clone()),
+        CropsSpec::Uri(u) => {
+            let loc = Location::parse(u)?;
+            let bytes = storage.get(&loc, max_bytes.min(16 * 1024 * 1024)).await?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| EngineError::InvalidCrops(format!("{} is not UTF-8 text", redact(u))))?;
+            Ok(crops::parse_csv(&text)?)
+        }
+    }
+}
+
+/// Stage 3: the CPU job ([`engine::run_job`]) on the CPU pool, once a CPU slot is free. Crops
+/// come back on the first receiver as they are encoded; the job's report (or its error, or its
+/// panic as an internal error) on the second once it is done.
+async fn schedule_cpu_job(
+    ctx: &Ctx,
+    source: Vec<u8>,
+    boxes: Arc<Vec<CropBox>>,
+    spec: JobSpec,
+) -> (mpsc::UnboundedReceiver<CropBatch>, oneshot::Receiver<Result<JobReport, TaskError>>) {
+    let (tx, rx) = mpsc::unbounded_channel::<CropBatch>();
+    let (done_tx, done_rx) = oneshot::channel();
+    let permit = ctx.cpu_jobs.clone().acquire_owned().await.expect("semaphore never closed");
     ctx.pool.spawn(move || {
-        let _permit = cpu_permit;
+        let _permit = permit;
         gauge!(tm::CPU_BUSY).increment(1.0);
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<CpuDone, TaskError> {
-            let t = Instant::now();
-            let info = engine::probe(&img, max_pixels)?;
-            let (w, h) = info.display_size();
-            crops::validate(&cpu_boxes, w, h, max_crops)?;
-            let mut fallback = None;
-            if mode == CropMode::Lossless {
-                match lossless::can_transform(&img) {
-                    Ok(()) => {
-                        let crops = lossless::crop_all(&img, &cpu_boxes)?;
-                        let encode = t.elapsed();
-                        let written = crops.iter().map(|c| c.snapped).collect();
-                        let mut items = crops.into_iter().map(|c| c.jpeg).enumerate().peekable();
-                        while items.peek().is_some() {
-                            let _ = tx.send(items.by_ref().take(LOSSLESS_BATCH).collect());
-                        }
-                        return Ok(CpuDone {
-                            decode: Duration::ZERO,
-                            encode,
-                            width: w,
-                            height: h,
-                            mode,
-                            fallback: None,
-                            written: Some(written),
-                        });
-                    }
-                    Err(reason) => fallback = Some(reason),
-                }
-            }
-            let decoded = engine::decode(&img, max_pixels)?;
-            drop(img);
-            let decode = t.elapsed();
-            let t = Instant::now();
-            engine::encode_all(&decoded, &cpu_boxes, quality, |batch| {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine::run_job(source, &boxes, &spec, |batch| {
                 let _ = tx.send(batch);
-            })?;
-            Ok(CpuDone {
-                decode,
-                encode: t.elapsed(),
-                width: decoded.width,
-                height: decoded.height,
-                mode: CropMode::Decode,
-                fallback,
-                written: None,
             })
         }));
         gauge!(tm::CPU_BUSY).decrement(1.0);
-        let res = run.unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(TaskError::Internal(format!("CPU job panicked: {msg}")))
-        });
+        let res = match run {
+            Ok(r) => r.map_err(TaskError::from),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(TaskError::Internal(format!("CPU job panicked: {msg}")))
+            }
+        };
         let _ = done_tx.send(res);
     });
+    (rx, done_rx)
+}
 
-    // Uploads: bounded by the worker-wide semaphore (one permit per crop), started as each
-    // batch of crops arrives.
-    let mut uploads: JoinSet<Result<u64, TaskError>> = JoinSet::new();
-    let mut first_ready: Option<Instant> = None;
-    let capacity = cfg.upload_concurrency.max(1);
-    while let Some(batch) = rx.recv().await {
-        first_ready.get_or_insert_with(Instant::now);
-        let mut rest = batch.into_iter().peekable();
-        while rest.peek().is_some() {
-            let items: Vec<(Location, Vec<u8>)> =
-                rest.by_ref().take(capacity).map(|(i, bytes)| (out.join(&format!("{i:03}.jpg")), bytes)).collect();
-            let permit =
-                ctx.uploads.clone().acquire_many_owned(items.len() as u32).await.expect("semaphore never closed");
-            let storage = ctx.storage.clone();
-            uploads.spawn(async move {
-                let n = items.len() as f64;
-                gauge!(tm::UPLOADS_IN_FLIGHT).increment(n);
-                let r = storage.put_many(items).await;
-                gauge!(tm::UPLOADS_IN_FLIGHT).decrement(n);
-                drop(permit);
-                r.map_err(TaskError::from)
-            });
-        }
-    }
-    let cpu = match done_rx.await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            uploads.abort_all();
-            return Err(e);
-        }
-        Err(_) => return Err(TaskError::Internal("CPU pool dropped the job".into())),
-    };
-    let mut bytes = 0;
-    while let Some(r) = uploads.join_next().await {
-        match r {
-            Ok(Ok(n)) => bytes += n,
-            Ok(Err(e)) => {
-                uploads.abort_all();
-                return Err(e);
+/// Stage 4: the uploads of one task, each started as its crops arrive and bounded by the
+/// worker-wide semaphore (one permit per crop).
+#[derive(Default)]
+struct Uploads {
+    running: JoinSet<Result<u64, TaskError>>,
+    /// When the first crop arrived: the upload stage's time runs from there.
+    first_crop: Option<Instant>,
+}
+
+impl Uploads {
+    /// Start uploading every batch from `crops` until the CPU job closes it.
+    async fn store_as_ready(&mut self, ctx: &Ctx, out: &Location, mut crops: mpsc::UnboundedReceiver<CropBatch>) {
+        let capacity = ctx.cfg.upload_concurrency.max(1);
+        while let Some(batch) = crops.recv().await {
+            self.first_crop.get_or_insert_with(Instant::now);
+            let mut rest = batch.into_iter().peekable();
+            while rest.peek().is_some() {
+                let items: Vec<(Location, Vec<u8>)> =
+                    rest.by_ref().take(capacity).map(|(i, bytes)| (out.join(&format!("{i:03}.jpg")), bytes)).collect();
+                let permit =
+                    ctx.uploads.clone().acquire_many_owned(items.len() as u32).await.expect("semaphore never closed");
+                let storage = ctx.storage.clone();
+                self.running.spawn(async move {
+                    let n = items.len() as f64;
+                    gauge!(tm::UPLOADS_IN_FLIGHT).increment(n);
+                    let r = storage.put_many(items).await;
+                    gauge!(tm::UPLOADS_IN_FLIGHT).decrement(n);
+                    drop(permit);
+                    r.map_err(TaskError::from)
+                });
             }
-            Err(e) => return Err(TaskError::Internal(format!("upload task failed: {e}"))),
         }
     }
-    let upload = first_ready.map(|t| t.elapsed()).unwrap_or_default();
-    let total = t0.elapsed();
-    let stages = StageTimes {
-        queue_wait,
-        download: ms(download),
-        decode: ms(cpu.decode),
-        crop_encode: ms(cpu.encode),
-        upload: ms(upload),
-        total: ms(total),
-    };
+
+    /// Wait for every upload; the bytes stored, or the first failure (the rest are aborted).
+    async fn finish(&mut self) -> Result<u64, TaskError> {
+        let mut bytes = 0;
+        while let Some(r) = self.running.join_next().await {
+            match r {
+                Ok(Ok(n)) => bytes += n,
+                Ok(Err(e)) => {
+                    self.abort();
+                    return Err(e);
+                }
+                Err(e) => return Err(TaskError::Internal(format!("upload task failed: {e}"))),
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn abort(&mut self) {
+        self.running.abort_all();
+    }
+
+    fn since_first_crop(&self) -> Duration {
+        self.first_crop.map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+/// Stage 5a: the stage histograms and throughput counters.
+fn record_metrics(stages: &StageTimes, crops: usize, bytes: u64) {
     for (stage, v) in [
         ("queue_wait", stages.queue_wait),
         ("download", stages.download),
@@ -510,28 +524,42 @@ async fn handle(ctx: &Ctx, payload: &[u8], attempt: u32) -> Result<ResultEvent, 
     ] {
         histogram!(tm::STAGE_SECONDS, "stage" => stage).record(v / 1000.0);
     }
-    counter!(tm::CROPS).increment(boxes.len() as u64);
+    counter!(tm::CROPS).increment(crops as u64);
     counter!(tm::BYTES).increment(bytes);
-    Ok(ResultEvent {
+}
+
+/// Stage 5b: the result event, published by the caller before it acks.
+#[allow(clippy::too_many_arguments)]
+fn result_event(
+    cfg: &WorkerConfig,
+    plan: &Plan,
+    attempt: u32,
+    started_ms: u64,
+    report: JobReport,
+    bytes: u64,
+    stages: StageTimes,
+    crops: usize,
+) -> ResultEvent {
+    ResultEvent {
         v: RESULT_VERSION,
-        task_id: task.id.clone(),
-        run_id: task.run_id.clone(),
+        task_id: plan.task.id.clone(),
+        run_id: plan.task.run_id.clone(),
         worker: cfg.worker_id.clone(),
         attempt,
-        crops: boxes.len() as u32,
+        crops: crops as u32,
         bytes,
-        output: out.to_string(),
-        mode: cpu.mode,
-        fallback: cpu.fallback,
-        written_boxes: cpu.written,
-        width: cpu.width,
-        height: cpu.height,
+        output: plan.out.to_string(),
+        mode: report.mode,
+        fallback: report.fallback,
+        written_boxes: report.written,
+        width: report.width,
+        height: report.height,
         started_ms,
         finished_ms: now_ms(),
         stages_ms: stages,
         threads: cfg.threads as u32,
         upload_concurrency: cfg.upload_concurrency as u32,
-    })
+    }
 }
 
 #[cfg(test)]

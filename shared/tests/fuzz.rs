@@ -25,6 +25,7 @@ use cropfleet::error::{Failure, TaskError};
 use cropfleet::lossless;
 use cropfleet::storage::Location;
 use cropfleet::task::{CropsSpec, Task, MAX_ID_LEN, TASK_VERSION};
+use cropfleet::EngineError;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::FileFailurePersistence;
@@ -89,6 +90,11 @@ fn largest_alloc<T>(f: impl FnOnce() -> T) -> (T, usize) {
 
 // ---------------------------------------------------------------------------------------------
 // Checks, shared by the properties and the corpus replay
+
+/// The engine's errors reach a task as [`TaskError::Engine`]: checked the way the worker sees them.
+fn assert_engine_permanent(e: &EngineError, kinds: &[&str]) {
+    assert_permanent(&TaskError::from(e.clone()), kinds);
+}
 
 fn assert_permanent(e: &TaskError, kinds: &[&str]) {
     assert_eq!(e.failure(), Failure::Permanent, "not permanent: {e}");
@@ -155,12 +161,12 @@ fn check_crops(text: &str, width: u32, height: u32, max_crops: usize) {
             assert_eq!(crops::parse_csv(&crops::to_csv(&boxes)).unwrap(), boxes, "round trip of {text:?}");
             check_boxes(&boxes, width, height, max_crops);
         }
-        Err(e) => assert_permanent(&e, &["invalid_crops"]),
+        Err(e) => assert_engine_permanent(&e, &["invalid_crops"]),
     }
     match crops::parse_inline(text) {
         None => {}
         Some(Ok(boxes)) => check_boxes(&boxes, width, height, max_crops),
-        Some(Err(e)) => assert_permanent(&e, &["invalid_crops"]),
+        Some(Err(e)) => assert_engine_permanent(&e, &["invalid_crops"]),
     }
 }
 
@@ -174,7 +180,7 @@ fn check_boxes(boxes: &[CropBox], width: u32, height: u32, max_crops: usize) {
                 assert!(right <= width as i128 && bottom <= height as i128, "{b} outside {width}x{height}");
             }
         }
-        Err(e) => assert_permanent(&e, &["invalid_crops", "too_many_crops", "bad_box"]),
+        Err(e) => assert_engine_permanent(&e, &["invalid_crops", "too_many_crops", "bad_box"]),
     }
 }
 
@@ -201,7 +207,7 @@ fn check_image(bytes: &[u8], max_pixels: u64) {
             Some(info)
         }
         Err(e) => {
-            assert_permanent(&e, &["decode", "too_many_pixels"]);
+            assert_engine_permanent(&e, &["decode", "too_many_pixels"]);
             None
         }
     };
@@ -224,7 +230,7 @@ fn check_image(bytes: &[u8], max_pixels: u64) {
             }
         }
         (Ok(d), None) => panic!("decoded {d:?} although the probe failed"),
-        (Err(e), _) => assert_permanent(e, &["decode", "too_many_pixels"]),
+        (Err(e), _) => assert_engine_permanent(e, &["decode", "too_many_pixels"]),
     }
 
     let (layout, big) = largest_alloc(|| lossless::inspect(bytes));
@@ -248,7 +254,7 @@ fn check_image(bytes: &[u8], max_pixels: u64) {
                 assert_eq!((got.width as i64, got.height as i64), (s.w, s.h), "lossless crop of {b}");
             }
         }
-        Err(e) => assert_permanent(&e, &["decode", "bad_box"]),
+        Err(e) => assert_engine_permanent(&e, &["decode", "bad_box"]),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use cropfleet::crops::CropBox;
 use cropfleet::lossless::{self, Layout, LosslessCrop};
-use cropfleet::{exif, sample, TaskError};
+use cropfleet::{exif, sample, EngineError};
 use turbojpeg::{Colorspace, Compressor, Image, PixelFormat, Subsamp, Transform, TransformOp};
 use turbojpeg_sys as sys;
 
@@ -266,7 +266,7 @@ fn imperfect_orientations_are_refused_and_perfect_ones_kept() {
         let e = lossless::can_transform(&exif::with_orientation(&jpeg, o)).unwrap_err();
         assert!(e.contains(&format!("orientation {o}")) && e.contains("not lossless") && e.contains("height"), "{e}");
         let err = lossless::crop_all(&exif::with_orientation(&jpeg, o), &[CropBox { x: 0, y: 0, w: 8, h: 8 }]);
-        assert!(matches!(err, Err(TaskError::Decode(ref m)) if m.contains("cannot crop losslessly")), "{err:?}");
+        assert!(matches!(err, Err(EngineError::Decode(ref m)) if m.contains("cannot crop losslessly")), "{err:?}");
     }
     // A horizontal flip, a transpose and a 90° counter-clockwise rotation only move the right
     // edge, or nothing, to the top/left.
@@ -337,7 +337,7 @@ fn sources_the_transform_cannot_take_get_a_reason() {
         eprintln!("{name}: {reason}");
         assert!(reason.contains(want), "{name}: {reason}");
         let err = lossless::crop_all(bytes, &[CropBox { x: 0, y: 0, w: 8, h: 8 }]).unwrap_err();
-        assert!(matches!(err, TaskError::Decode(_)) && err.to_string().contains(want), "{name}: {err}");
+        assert!(matches!(err, EngineError::Decode(_)) && err.to_string().contains(want), "{name}: {err}");
     }
 }
 
@@ -349,7 +349,7 @@ fn truncated_and_corrupt_jpegs_are_errors_not_panics() {
     for cut in [jpeg.len() - 2, jpeg.len() * 2 / 3, jpeg.len() / 2, 700, 300, 100, 20, 3] {
         let part = &jpeg[..cut];
         match lossless::crop_all(part, &boxes) {
-            Err(TaskError::Decode(m)) => assert!(!m.is_empty()),
+            Err(EngineError::Decode(m)) => assert!(!m.is_empty()),
             other => panic!("cut at {cut}: {other:?}"),
         }
         // A header that is still whole passes the check; the pixels then fail in crop_all.
@@ -372,9 +372,9 @@ fn bad_boxes_are_named() {
     let jpeg = encode(&sample::photo(w, h, 5), w, h, Subsamp::Sub2x2, Opts::default());
     let boxes = [CropBox { x: 0, y: 0, w: 10, h: 10 }, CropBox { x: 300, y: 0, w: 21, h: 10 }];
     let e = lossless::crop_all(&jpeg, &boxes).unwrap_err();
-    assert!(matches!(e, TaskError::BadBox { index: 1, .. }), "{e}");
+    assert!(matches!(e, EngineError::BadBox { index: 1, .. }), "{e}");
     let e = lossless::crop_all(&jpeg, &[CropBox { x: 0, y: 0, w: 0, h: 10 }]).unwrap_err();
-    assert!(matches!(e, TaskError::BadBox { index: 0, .. }), "{e}");
+    assert!(matches!(e, EngineError::BadBox { index: 0, .. }), "{e}");
     assert!(lossless::crop_all(&jpeg, &[]).unwrap().is_empty());
 }
 

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use cropfleet::logging::{self, LogFormat};
+use cropfleet::secret::redact;
 use cropfleet::worker::{Worker, WorkerConfig};
 use cropfleet::{engine, queue, storage};
 
@@ -86,8 +88,11 @@ struct Args {
     /// for redelivery. Keep it below the orchestrator's grace period.
     #[arg(long, env = "CROPFLEET_SHUTDOWN_TIMEOUT", default_value_t = 25.0)]
     shutdown_timeout: f64,
-    /// Health and metrics listener (/healthz, /readyz, /metrics); "off" disables it.
-    #[arg(long, env = "CROPFLEET_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    /// Health and metrics listener (/healthz, /readyz, /metrics); "off" disables it. When this
+    /// flag (or its variable) is not given and the default port is taken, e.g. by another worker
+    /// on the same host, the worker listens on a free port and logs the address; a given address
+    /// that is taken is an error.
+    #[arg(long, env = "CROPFLEET_HTTP_ADDR", default_value = http::DEFAULT_ADDR)]
     http_addr: String,
     /// Log format: auto (text on a terminal, JSON otherwise), text, json.
     #[arg(long, env = "CROPFLEET_LOG_FORMAT", default_value = "auto")]
@@ -99,7 +104,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     cropfleet::util::keep_allocations_resident();
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let http_addr_given = matches.value_source("http_addr") != Some(ValueSource::DefaultValue);
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(args.log_format);
     // The async side only moves bytes; two threads are plenty, the CPU pool is separate.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,10 +114,10 @@ fn main() -> anyhow::Result<()> {
         .thread_name("cropfleet-io")
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, http_addr_given))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, http_addr_given: bool) -> anyhow::Result<()> {
     let defaults = WorkerConfig::default();
     let cfg = WorkerConfig {
         threads: args.threads.unwrap_or(defaults.threads).max(1),
@@ -130,9 +137,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..defaults
     };
     let metrics = http::install_metrics()?;
-    let tasks = queue::open(&args.queue).await.with_context(|| format!("opening task queue {}", args.queue))?;
+    let tasks =
+        queue::open(&args.queue).await.with_context(|| format!("opening task queue {}", redact(&args.queue)))?;
     let results =
-        queue::open(&args.results).await.with_context(|| format!("opening results queue {}", args.results))?;
+        queue::open(&args.results).await.with_context(|| format!("opening results queue {}", redact(&args.results)))?;
     let storage = storage::Storage::from_env(storage::StorageOptions {
         allow_private_sources: args.allow_private_sources,
         gcs: args.gcs,
@@ -151,9 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let worker = Worker::new(cfg, tasks, results, storage).context("starting the CPU pool")?;
     if args.http_addr != "off" {
         let addr: SocketAddr = args.http_addr.parse().with_context(|| format!("--http-addr {:?}", args.http_addr))?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the health listener on {addr}"))?;
+        let listener = http::bind(addr, http_addr_given).await?;
         tracing::info!(addr = %listener.local_addr()?, "health and metrics listener");
         tokio::spawn(http::serve(listener, worker.state(), Arc::new(metrics)));
     }

@@ -162,6 +162,20 @@ pub fn broker_lock(exclusive: bool) -> BrokerLock {
     BrokerLock(f)
 }
 
+/// RabbitMQ queues (by URI) whose topology is deleted when the test ends, passed or not.
+pub struct Topology(pub Vec<String>);
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let uris = std::mem::take(&mut self.0);
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            for u in uris {
+                let _ = cropfleet::queue::amqp::Amqp::from_uri(&u).unwrap().delete_topology().await;
+            }
+        });
+    }
+}
+
 /// A RabbitMQ URI for a fresh queue name unique to this test.
 pub fn amqp_uri(prefix: &str) -> String {
     format!("amqp://guest:guest@127.0.0.1:5672/%2f?queue={prefix}-{}&heartbeat=5", uuid::Uuid::new_v4().simple())

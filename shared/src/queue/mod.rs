@@ -6,6 +6,7 @@
 //! for messages that fail for good or too often.
 
 pub mod amqp;
+mod backoff;
 pub mod pubsub;
 pub mod spool;
 
@@ -18,6 +19,7 @@ use thiserror::Error;
 
 /// Queue failures. All are transient for a task (the broker may come back) except
 /// [`QueueError::InvalidUri`] and [`QueueError::Missing`], which are configuration errors.
+/// A URI in an error is always redacted ([`crate::secret::redact`]): no password in messages.
 #[derive(Debug, Error)]
 pub enum QueueError {
     #[error("invalid queue URI {uri:?}: {reason}")]
@@ -58,7 +60,7 @@ pub enum QueueUri {
 impl QueueUri {
     /// Parse `spool:PATH`, `amqp://user:pass@host:port/vhost?queue=NAME` or `pubsub://PROJECT/NAME`.
     pub fn parse(uri: &str) -> Result<QueueUri, QueueError> {
-        let bad = |reason: &str| QueueError::InvalidUri { uri: uri.into(), reason: reason.into() };
+        let bad = |reason: &str| QueueError::InvalidUri { uri: crate::secret::redact(uri), reason: reason.into() };
         if let Some(rest) = uri.strip_prefix("spool:") {
             let rest = rest.strip_prefix("//").unwrap_or(rest);
             if rest.is_empty() {

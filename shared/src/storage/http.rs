@@ -24,6 +24,7 @@ use async_trait::async_trait;
 
 use super::gcs::from_http_status;
 use super::{Location, ObjectStore, StorageError};
+use crate::secret::redact;
 
 /// How [`HttpStore`] connects, retries and what it may reach.
 #[derive(Debug, Clone)]
@@ -241,6 +242,8 @@ impl HttpStore {
     }
 
     fn map_error(&self, uri: &str, e: reqwest::Error) -> StorageError {
+        // reqwest's message would repeat the URL, credentials and all; `uri` is the masked one.
+        let e = e.without_url();
         if let Some(n) = find_in_chain::<NonPublic>(&e) {
             return refused(uri, n);
         }
@@ -290,13 +293,16 @@ impl HttpStore {
 #[async_trait]
 impl ObjectStore for HttpStore {
     async fn get(&self, loc: &Location, max_bytes: u64) -> Result<Vec<u8>, StorageError> {
-        let Location::Http(uri) = loc else {
+        let Location::Http(real) = loc else {
             return Err(StorageError::Invalid { uri: loc.to_string(), reason: "not an http(s) URL".into() });
         };
-        let url = reqwest::Url::parse(uri)
-            .map_err(|e| StorageError::Invalid { uri: uri.clone(), reason: format!("bad URL: {e}") })?;
+        // The URL as requested is `real`; errors and logs name it with credentials masked.
+        let shown = redact(real);
+        let uri = shown.as_str();
+        let url = reqwest::Url::parse(real)
+            .map_err(|e| StorageError::Invalid { uri: uri.into(), reason: format!("bad URL: {e}") })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(StorageError::Invalid { uri: uri.clone(), reason: "not an http(s) URL with a host".into() });
+            return Err(StorageError::Invalid { uri: uri.into(), reason: "not an http(s) URL with a host".into() });
         }
         if !self.opts.allow_private {
             check_literal(&url).map_err(|e| refused(uri, e))?;

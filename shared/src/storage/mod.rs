@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use thiserror::Error;
 
-use crate::error::Failure;
+use crate::failure::Failure;
 
 /// Default limit on source bytes read for one task (256 MiB).
 pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 256 * 1024 * 1024;
@@ -34,12 +34,15 @@ impl Location {
     pub fn parse(s: &str) -> Result<Location, StorageError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(StorageError::Invalid { uri: s.into(), reason: "empty location".into() });
+            return Err(StorageError::Invalid { uri: crate::secret::redact(s), reason: "empty location".into() });
         }
         if let Some(rest) = s.strip_prefix("gs://") {
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(StorageError::Invalid { uri: s.into(), reason: "gs:// URI without a bucket".into() });
+                return Err(StorageError::Invalid {
+                    uri: crate::secret::redact(s),
+                    reason: "gs:// URI without a bucket".into(),
+                });
             }
             return Ok(Location::Gcs { bucket: bucket.into(), key: key.trim_start_matches('/').into() });
         }
@@ -50,7 +53,10 @@ impl Location {
             return Ok(Location::Local(PathBuf::from(rest)));
         }
         if let Some((scheme, _)) = s.split_once("://") {
-            return Err(StorageError::Invalid { uri: s.into(), reason: format!("unsupported scheme {scheme}://") });
+            return Err(StorageError::Invalid {
+                uri: crate::secret::redact(s),
+                reason: format!("unsupported scheme {scheme}://"),
+            });
         }
         Ok(Location::Local(PathBuf::from(s)))
     }
@@ -74,12 +80,14 @@ impl std::fmt::Display for Location {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
             Location::Gcs { bucket, key } => write!(f, "gs://{bucket}/{key}"),
-            Location::Http(u) => f.write_str(u),
+            // Masked: a source URL may carry a token or a password (the request uses the original).
+            Location::Http(u) => f.write_str(&crate::secret::redact(u)),
         }
     }
 }
 
-/// Storage failures, each naming the object.
+/// Storage failures, each naming the object (an `http(s)://` one with its credentials masked,
+/// see [`crate::secret::redact`]).
 #[derive(Debug, Error)]
 pub enum StorageError {
     #[error("{uri}: not found")]
@@ -281,8 +289,11 @@ impl Storage {
 
     /// Write (create or overwrite) an object; `http(s)://` is read-only.
     pub async fn put(&self, loc: &Location, data: Vec<u8>) -> Result<(), StorageError> {
-        if let Location::Http(u) = loc {
-            return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
+        if let Location::Http(_) = loc {
+            return Err(StorageError::Invalid {
+                uri: loc.to_string(),
+                reason: "http(s) locations are read-only".into(),
+            });
         }
         self.backend(loc)?.put(loc, data).await
     }
@@ -290,8 +301,11 @@ impl Storage {
     /// Write a batch of objects that share a backend (e.g. the crops of one task).
     pub async fn put_many(&self, items: Vec<(Location, Vec<u8>)>) -> Result<u64, StorageError> {
         let Some((first, _)) = items.first() else { return Ok(0) };
-        if let Location::Http(u) = first {
-            return Err(StorageError::Invalid { uri: u.clone(), reason: "http(s) locations are read-only".into() });
+        if let Location::Http(_) = first {
+            return Err(StorageError::Invalid {
+                uri: first.to_string(),
+                reason: "http(s) locations are read-only".into(),
+            });
         }
         self.backend(first)?.put_many(items).await
     }
