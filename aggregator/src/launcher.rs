@@ -236,6 +236,12 @@ pub fn render(template: &str, vars: &[(&'static str, &'static str, String)]) -> 
     vars.iter().fold(template.to_string(), |t, (ph, _, v)| t.replace(ph, v))
 }
 
+/// A rendered template as it may be shown: every credential in a value masked (it runs with the
+/// values as they are).
+fn shown(cmd: &str, vars: &[(&'static str, &'static str, String)]) -> String {
+    vars.iter().fold(cmd.to_string(), |shown, (_, _, v)| shown.replace(v.as_str(), &redact(v)))
+}
+
 /// Run one rendered template with `sh -c` within `timeout` and return its standard output
 /// (standard error passed through). Unlike [`run_template`] it waits for the output to close, so
 /// the template must not leave background processes holding it.
@@ -258,11 +264,11 @@ async fn capture_template(
         Ok(out) => {
             let out = out.with_context(|| format!("waiting for the {what} command"))?;
             if !out.status.success() {
-                bail!("the {what} command failed ({}): {cmd}", out.status);
+                bail!("the {what} command failed ({}): {}", out.status, shown(cmd, vars));
             }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         }
-        Err(_) => bail!("the {what} command did not finish within {:.0}s: {cmd}", timeout.as_secs_f64()),
+        Err(_) => bail!("the {what} command did not finish within {:.0}s: {}", timeout.as_secs_f64(), shown(cmd, vars)),
     }
 }
 
@@ -273,8 +279,7 @@ async fn run_template(
     vars: &[(&'static str, &'static str, String)],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    // Shown with every credential in a value masked; run with the values as they are.
-    let shown = vars.iter().fold(cmd.to_string(), |shown, (_, _, v)| shown.replace(v.as_str(), &redact(v)));
+    let shown = shown(cmd, vars);
     eprintln!("sweep: {what}: {shown}");
     // Output is inherited, not captured: a template that starts background processes must not
     // make us wait for them to close a pipe.

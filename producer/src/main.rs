@@ -112,8 +112,9 @@ async fn setup(queue_uri: &str, results_uri: &str) -> anyhow::Result<()> {
 }
 
 async fn dead_letters(queue_uri: &str, max: usize, json: bool) -> anyhow::Result<()> {
-    let q = queue::open(queue_uri).await.with_context(|| format!("opening {queue_uri}"))?;
-    let dead = q.dead_letters(max).await.with_context(|| format!("reading the dead letters of {queue_uri}"))?;
+    let shown = redact(queue_uri);
+    let q = queue::open(queue_uri).await.with_context(|| format!("opening {shown}"))?;
+    let dead = q.dead_letters(max).await.with_context(|| format!("reading the dead letters of {shown}"))?;
     for d in &dead {
         let payload = String::from_utf8_lossy(&d.payload);
         if json {
