@@ -31,6 +31,8 @@ fn sweep(proxy: &Proxy, out: &Path, output: &str, extra: &[&str]) -> Vec<serde_j
     let res = Command::new(bin("cropfleet-aggregator"))
         .args(["sweep", "--out", &out.display().to_string(), "--output", output, "--log-format", "text"])
         .args(["--work-dir", &out.join("work").display().to_string()])
+        // The test's worker binary: without it, a sweep run under cargo builds one itself.
+        .args(["--worker-bin", &bin("cropfleet-worker").display().to_string()])
         .args(extra)
         .env("STORAGE_EMULATOR_HOST", format!("http://{}", proxy.addr()))
         .env("RUST_LOG", "warn")
