@@ -73,3 +73,97 @@ impl SplitMix64 {
         lo + (self.next_u64() % ((hi - lo + 1) as u64)) as i64
     }
 }
+
+/// A URI fit for logs and records: the password of its user info and the values of query
+/// parameters that carry credentials (`password`, `token`, `secret`, `key`, `sig`, …) are
+/// replaced by `***`; everything else is kept, so the URI still says where it points.
+/// A plain path comes back unchanged.
+pub fn redact_uri(uri: &str) -> String {
+    const SECRET_KEYS: [&str; 12] = [
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "token",
+        "access_token",
+        "secret",
+        "key",
+        "sig",
+        "signature",
+        "x-goog-signature",
+        "x-amz-signature",
+    ];
+    let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if SECRET_KEYS.contains(&k.to_ascii_lowercase().as_str()) => format!("{k}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+            format!("{path}?{}{fragment}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// `ms` since the Unix epoch as UTC ISO 8601 with seconds, e.g. `2026-05-01T12:34:56Z`.
+pub fn iso8601_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's days_from_civil, inverted).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_uri("amqp://guest:s3cret@127.0.0.1:5672/%2f?queue=crops&heartbeat=10"),
+            "amqp://guest:***@127.0.0.1:5672/%2f?queue=crops&heartbeat=10"
+        );
+        assert_eq!(redact_uri("amqps://u:p@h/v?token=abc#x"), "amqps://u:***@h/v?token=***#x");
+        assert_eq!(
+            redact_uri("https://h/o?X-Goog-Signature=1&sig=2&a=b"),
+            "https://h/o?X-Goog-Signature=***&sig=***&a=b"
+        );
+        // A password holding '@' still ends at the last '@' before the host.
+        assert_eq!(redact_uri("amqp://u:p@ss@h:1/%2f"), "amqp://u:***@h:1/%2f");
+        for plain in ["spool:/tmp/q", "/data/out", "gs://bucket/prefix", "pubsub://proj/crops"] {
+            assert_eq!(redact_uri(plain), plain);
+        }
+    }
+
+    #[test]
+    fn iso8601_dates() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601_utc(1_780_000_000_123), "2026-05-28T20:26:40Z");
+    }
+}
