@@ -94,6 +94,10 @@ pub async fn run(a: CollectArgs) -> anyhow::Result<()> {
                     mode: "decode".into(),
                     processes: a.processes,
                     cores,
+                    // The fleet ran elsewhere: this machine is not recorded as its machine.
+                    started_utc: cropfleet::util::iso8601_utc(c.started_ms()),
+                    build: crate::this_build(),
+                    queue_uri: cropfleet::util::redact_uri(&a.results),
                     ..Default::default()
                 },
                 0.0,

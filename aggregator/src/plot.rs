@@ -1,16 +1,25 @@
-//! The picture of a run: throughput per configuration (x: threads, one series per process
-//! count and label, y: tasks/s) and stage latencies (p50/p95) per configuration, as SVG and PNG.
+//! The picture of a run: throughput per configuration (x: threads, one series per label,
+//! process count and any other axis the grid varies — prefetch, upload concurrency; y: tasks/s;
+//! this machine's codec limit as a dashed line) and stage latencies (p50/p95) per configuration,
+//! as SVG and PNG. A line under the title names the machine, or says that the runs come from
+//! several machines.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context;
-use cropfleet::stats::RunRecord;
+use cropfleet::provenance;
+use cropfleet::stats::{self, RunRecord};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontTransform;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 /// Picture size in pixels (both formats).
 pub const SIZE: (u32, u32) = (1200, 560);
+/// Font size of point labels and x labels, pixels.
+const SMALL: u32 = 12;
 
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -48,26 +57,132 @@ type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::Er
 
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, records: &[RunRecord], title: &str) -> DrawResult<DB> {
     root.fill(&WHITE)?;
-    let root = root.titled(title, ("sans-serif", 22))?;
-    let (left, right) = root.split_horizontally(SIZE.0 * 55 / 100);
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let (note, body) = root.split_vertically(22);
+    note.draw(&Text::new(machine_note(records), (12, 2), ("sans-serif", 13).into_font().color(&RGBColor(60, 60, 60))))?;
+    let (left, right) = body.split_horizontally(SIZE.0 * 55 / 100);
     throughput(&left, records)?;
     latency(&right, records)?;
     Ok(())
 }
 
-/// Series key: label and process count.
-fn series(records: &[RunRecord]) -> Vec<(String, u32)> {
-    let mut keys: Vec<(String, u32)> = records.iter().map(|r| (r.label.clone(), r.processes)).collect();
-    keys.sort();
-    keys.dedup();
-    keys
+/// The line under the title: the machine and build, or how many machines the runs come from.
+fn machine_note(records: &[RunRecord]) -> String {
+    let machines = provenance::distinct_machines(records.iter().map(|r| &r.machine));
+    match machines.as_slice() {
+        [] => "machine not recorded".into(),
+        [m] => {
+            let r = records.iter().find(|r| &&r.machine == m).expect("a record of this machine");
+            format!("{}; cropfleet {} ({})", m.describe(), r.build.version, stats::short_commit(&r.build.git_commit))
+        }
+        several => format!(
+            "runs from {} different machines: {}",
+            several.len(),
+            several
+                .iter()
+                .map(|m| format!("{} ({} cores)", short_cpu(&m.cpu_model), m.cores))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+}
+
+/// A CPU model without the family/model/stepping suffix.
+fn short_cpu(model: &str) -> &str {
+    model.split(" (family").next().unwrap_or(model)
+}
+
+/// What tells one series from another: label, process count, and the extra axes that vary.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SeriesKey {
+    label: String,
+    processes: u32,
+    prefetch: u32,
+    upload_concurrency: u32,
+}
+
+impl SeriesKey {
+    fn of(r: &RunRecord) -> SeriesKey {
+        SeriesKey {
+            label: r.label.clone(),
+            processes: r.processes,
+            prefetch: r.prefetch,
+            upload_concurrency: r.upload_concurrency,
+        }
+    }
+
+    fn name(&self, multi_label: bool, (pf, upc): (bool, bool)) -> String {
+        let mut n = if multi_label {
+            format!("{}, {} proc", self.label, self.processes)
+        } else {
+            format!("{} process{}", self.processes, if self.processes == 1 { "" } else { "es" })
+        };
+        if pf {
+            n.push_str(&format!(", prefetch {}", self.prefetch));
+        }
+        if upc {
+            n.push_str(&format!(", upload {}", self.upload_concurrency));
+        }
+        n
+    }
+}
+
+fn series(records: &[RunRecord]) -> Vec<SeriesKey> {
+    let keys: BTreeSet<SeriesKey> = records.iter().map(SeriesKey::of).collect();
+    keys.into_iter().collect()
+}
+
+fn multi_label(records: &[RunRecord]) -> bool {
+    records.iter().map(|r| &r.label).collect::<BTreeSet<_>>().len() > 1
+}
+
+/// Distinct limits to draw: (y, text).
+fn limit_lines(records: &[RunRecord]) -> Vec<(f64, String)> {
+    let several_modes = records.iter().map(|r| &r.mode).collect::<BTreeSet<_>>().len() > 1;
+    let mut lines: Vec<(f64, String)> = Vec::new();
+    for r in records.iter().filter(|r| r.limit.measured()) {
+        let y = r.limit.limit_tasks_per_s;
+        let mode = if several_modes { format!("{} ", r.mode) } else { String::new() };
+        let drift = if r.limit.drifted() { ", drifted" } else { "" };
+        let text =
+            format!("{mode}limit {y:.1} tasks/s ({} cores / {:.1} ms{drift})", r.cores, 1000.0 * r.cores as f64 / y);
+        if !lines.iter().any(|(ly, t)| (ly - y).abs() < 1e-6 && t == &text) {
+            lines.push((y, text));
+        }
+    }
+    lines
+}
+
+/// Move point labels up so none overlaps another at the same x: `labels` are (x, y), `h` the
+/// height of one label in data units; returns the y of each label's baseline, in input order.
+fn spread_labels(labels: &[(f64, f64)], h: f64) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..labels.len()).collect();
+    order.sort_by(|&a, &b| labels[a].0.total_cmp(&labels[b].0).then(labels[a].1.total_cmp(&labels[b].1)));
+    let mut placed = vec![0.0; labels.len()];
+    let mut prev: Option<(f64, f64)> = None; // (x, label y) of the label placed last
+    for i in order {
+        let (x, y) = labels[i];
+        let mut ly = y + h * 0.4;
+        if let Some((px, py)) = prev {
+            if (px - x).abs() < 1e-9 && ly < py + h {
+                ly = py + h;
+            }
+        }
+        placed[i] = ly;
+        prev = Some((x, ly));
+    }
+    placed
 }
 
 fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunRecord]) -> DrawResult<DB> {
     let max_t = records.iter().map(|r| r.threads).max().unwrap_or(1).max(1);
-    let max_y = records.iter().map(|r| r.tasks_per_s).fold(0.0, f64::max).max(1.0) * 1.15;
+    let limits = limit_lines(records);
+    let top = records.iter().map(|r| r.tasks_per_s).chain(limits.iter().map(|l| l.0)).fold(0.0, f64::max).max(1.0);
+    let keys = series(records);
+    // Room above the highest point for stacked labels: one label height per series.
+    let max_y = top * (1.12 + 0.03 * keys.len() as f64);
     let mut chart = ChartBuilder::on(area)
-        .caption("Throughput (tasks/s)", ("sans-serif", 18))
+        .caption("Throughput (tasks/s)", ("sans-serif", 17))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
@@ -80,30 +195,40 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
         .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() })
         .label_style(("sans-serif", 13))
         .draw()?;
-    let keys = series(records);
-    let multi_label = keys.iter().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().len() > 1;
-    for (i, (label, procs)) in keys.iter().enumerate() {
+    let plot_h = chart.plotting_area().dim_in_pixel().1.max(1) as f64;
+    let label_h = (SMALL as f64 + 2.0) * max_y / plot_h;
+    for (y, text) in &limits {
+        let style = ShapeStyle::from(&RGBColor(90, 90, 90)).stroke_width(2);
+        chart.draw_series(DashedLineSeries::new([(0.5, *y), (max_t as f64 + 0.5, *y)], 8, 5, style))?;
+        chart.draw_series(std::iter::once(Text::new(
+            text.clone(),
+            (0.55, *y + label_h * 0.25),
+            ("sans-serif", SMALL).into_font().color(&RGBColor(90, 90, 90)),
+        )))?;
+    }
+    let multi = multi_label(records);
+    let axes = stats::extra_axes(records);
+    let mut labels: Vec<(f64, f64)> = Vec::new();
+    let mut label_colors = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let mut pts: Vec<(f64, f64)> = records
-            .iter()
-            .filter(|r| &r.label == label && r.processes == *procs)
-            .map(|r| (r.threads as f64, r.tasks_per_s))
-            .collect();
+        let mut pts: Vec<(f64, f64)> =
+            records.iter().filter(|r| &SeriesKey::of(r) == key).map(|r| (r.threads as f64, r.tasks_per_s)).collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let name = if multi_label {
-            format!("{label}, {procs} proc")
-        } else {
-            format!("{procs} process{}", if *procs == 1 { "" } else { "es" })
-        };
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(name)
+            .label(key.name(multi, axes))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
-        chart.draw_series(pts.iter().map(|&(x, y)| {
-            Text::new(format!("{y:.1}"), (x, y + max_y * 0.02), ("sans-serif", 12).into_font().color(&BLACK))
-        }))?;
+        labels.extend(&pts);
+        label_colors.extend(std::iter::repeat(color).take(pts.len()));
     }
+    let placed = spread_labels(&labels, label_h);
+    chart.draw_series(labels.iter().zip(&placed).zip(&label_colors).map(|((&(x, y), &ly), &color)| {
+        // Darker than the line, so the text stays legible on white.
+        let c = RGBColor((color.0 as f64 * 0.6) as u8, (color.1 as f64 * 0.6) as u8, (color.2 as f64 * 0.6) as u8);
+        Text::new(format!("{y:.1}"), (x + 0.04, ly), ("sans-serif", SMALL).into_font().color(&c))
+    }))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
@@ -112,6 +237,28 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
         .label_font(("sans-serif", 13))
         .draw()?;
     Ok(())
+}
+
+/// The x label of each configuration in the stage panel.
+fn config_names(records: &[RunRecord]) -> Vec<String> {
+    let multi = multi_label(records);
+    let (pf, upc) = stats::extra_axes(records);
+    records
+        .iter()
+        .map(|r| {
+            let mut n = format!("{}x{}", r.processes, r.threads);
+            if pf {
+                n.push_str(&format!(" f{}", r.prefetch));
+            }
+            if upc {
+                n.push_str(&format!(" u{}", r.upload_concurrency));
+            }
+            if multi {
+                n = format!("{} {n}", r.label);
+            }
+            n
+        })
+        .collect()
 }
 
 fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunRecord]) -> DrawResult<DB> {
@@ -124,26 +271,26 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
         ("total p95", |r| r.stages_ms.total.p95),
     ];
     let max_y = records.iter().flat_map(|r| stages.iter().map(move |(_, f)| f(r))).fold(0.0, f64::max).max(1.0) * 1.1;
-    let names: Vec<String> = records
-        .iter()
-        .map(|r| {
-            let base = format!("{}x{}", r.processes, r.threads);
-            if series(records).iter().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().len() > 1 {
-                format!("{}:{base}", r.label.chars().take(6).collect::<String>())
-            } else {
-                base
-            }
-        })
-        .collect();
+    let names = config_names(records);
+    // Horizontal labels while they fit side by side; else turned upright, with room below.
+    let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(1) as u32;
+    let text_w = longest * SMALL * 6 / 10 + 8;
+    let slot = (area.dim_in_pixel().0.saturating_sub(90)) / n as u32;
+    let upright = text_w > slot;
+    let label_area = if upright { (text_w + 24).min(150) } else { 40 };
+    let mut label_style = TextStyle::from(("sans-serif", SMALL).into_font());
+    if upright {
+        label_style = label_style.transform(FontTransform::Rotate90).pos(Pos::new(HPos::Left, VPos::Center));
+    }
     let mut chart = ChartBuilder::on(area)
-        .caption("Stage latency per task (ms)", ("sans-serif", 18))
+        .caption("Stage latency per task (ms)", ("sans-serif", 17))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(label_area)
         .y_label_area_size(50)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..max_y)?;
     chart
         .configure_mesh()
-        .x_desc("configuration (processes x threads)")
+        .x_desc(if upright { "" } else { "configuration (processes x threads)" })
         .y_desc("ms")
         .x_labels(n)
         .x_label_formatter(&|x| {
@@ -154,7 +301,8 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
                 String::new()
             }
         })
-        .label_style(("sans-serif", 12))
+        .x_label_style(label_style)
+        .y_label_style(("sans-serif", SMALL))
         .draw()?;
     for (k, (name, f)) in stages.iter().enumerate() {
         let color = Palette99::pick(k + 5).to_rgba();
@@ -173,4 +321,26 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
         .label_font(("sans-serif", 12))
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_at_one_x_are_stacked_apart() {
+        // 110.1 and 108.5 at the same x, 1.0 units per label: the upper one moves up.
+        let placed = spread_labels(&[(2.0, 110.1), (2.0, 108.5), (1.0, 60.0)], 1.0);
+        assert!((placed[1] - 108.9).abs() < 1e-9, "{placed:?}");
+        assert!(placed[0] >= placed[1] + 1.0 - 1e-9, "{placed:?}");
+        assert!((placed[2] - 60.4).abs() < 1e-9, "{placed:?}");
+    }
+
+    #[test]
+    fn series_names_carry_the_axes_that_vary() {
+        let k = SeriesKey { label: "spool".into(), processes: 2, prefetch: 8, upload_concurrency: 32 };
+        assert_eq!(k.name(false, (false, false)), "2 processes");
+        assert_eq!(k.name(true, (false, true)), "spool, 2 proc, upload 32");
+        assert_eq!(k.name(false, (true, true)), "2 processes, prefetch 8, upload 32");
+    }
 }

@@ -208,17 +208,19 @@ fn imperfect_edges(op: sys::TJXOP, right_whole: bool, bottom_whole: bool) -> &'s
 /// What the frame header (SOFn) says; read here because TurboJPEG does not expose sampling
 /// factors, and does not reset its header fields for a tables-only stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Frame {
-    width: u32,
-    height: u32,
-    components: u8,
+pub(crate) struct Frame {
+    /// The SOFn marker's second byte: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, …
+    pub(crate) marker: u8,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) components: u8,
     /// Largest horizontal and vertical sampling factors.
-    hmax: u8,
-    vmax: u8,
+    pub(crate) hmax: u8,
+    pub(crate) vmax: u8,
 }
 
 /// The frame header, or `None` when no well-formed SOF marker precedes the first scan.
-fn frame_header(jpeg: &[u8]) -> Option<Frame> {
+pub(crate) fn frame_header(jpeg: &[u8]) -> Option<Frame> {
     if !jpeg.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
@@ -248,7 +250,7 @@ fn frame_header(jpeg: &[u8]) -> Option<Frame> {
                 h = h.max(c[1] >> 4);
                 v = v.max(c[1] & 0x0F);
             }
-            return Some(Frame { width, height, components: count, hmax: h, vmax: v });
+            return Some(Frame { marker, width, height, components: count, hmax: h, vmax: v });
         }
         i += 2 + len;
     }
@@ -566,7 +568,7 @@ mod tests {
     fn frame_header_sampling() {
         // SOI, SOF0 (8-bit, 16x16, 3 components: Y 2x2, Cb 1x1, Cr 1x1), SOS.
         let jpeg = [0xFF, 0xD8, 0xFF, 0xC0, 0, 17, 8, 0, 16, 0, 16, 3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1, 0xFF, 0xDA];
-        let want = Frame { width: 16, height: 16, components: 3, hmax: 2, vmax: 2 };
+        let want = Frame { marker: 0xC0, width: 16, height: 16, components: 3, hmax: 2, vmax: 2 };
         assert_eq!(frame_header(&jpeg), Some(want));
         assert_eq!(frame_header(&jpeg[..10]), None);
         assert_eq!(frame_header(b"not a jpeg"), None);
