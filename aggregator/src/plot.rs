@@ -153,19 +153,26 @@ fn limit_lines(records: &[RunRecord]) -> Vec<(f64, String)> {
     lines
 }
 
-/// Move point labels up so none overlaps another at the same x: `labels` are (x, y), `h` the
-/// height of one label in data units; returns the y of each label's baseline, in input order.
-fn spread_labels(labels: &[(f64, f64)], h: f64) -> Vec<f64> {
+/// Move point labels up so none overlaps another at the same x nor crosses a horizontal line
+/// (`lines`, the limits): `labels` are (x, y), `h` the height of one label in data units;
+/// returns the y of each label's bottom, in input order.
+fn spread_labels(labels: &[(f64, f64)], lines: &[f64], h: f64) -> Vec<f64> {
     let mut order: Vec<usize> = (0..labels.len()).collect();
     order.sort_by(|&a, &b| labels[a].0.total_cmp(&labels[b].0).then(labels[a].1.total_cmp(&labels[b].1)));
     let mut placed = vec![0.0; labels.len()];
     let mut prev: Option<(f64, f64)> = None; // (x, label y) of the label placed last
     for i in order {
         let (x, y) = labels[i];
-        let mut ly = y + h * 0.4;
+        let mut ly = y + h * 0.15;
         if let Some((px, py)) = prev {
             if (px - x).abs() < 1e-9 && ly < py + h {
                 ly = py + h;
+            }
+        }
+        // Lines are sorted upwards, so a label moved above one is then checked against the next.
+        for &line in lines {
+            if ly - 0.1 * h < line && line < ly + h {
+                ly = line + 0.15 * h;
             }
         }
         placed[i] = ly;
@@ -197,14 +204,19 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
         .draw()?;
     let plot_h = chart.plotting_area().dim_in_pixel().1.max(1) as f64;
     let label_h = (SMALL as f64 + 2.0) * max_y / plot_h;
-    for (y, text) in &limits {
-        let style = ShapeStyle::from(&RGBColor(90, 90, 90)).stroke_width(2);
-        chart.draw_series(DashedLineSeries::new([(0.5, *y), (max_t as f64 + 0.5, *y)], 8, 5, style))?;
-        chart.draw_series(std::iter::once(Text::new(
-            text.clone(),
-            (0.55, *y + label_h * 0.25),
-            ("sans-serif", SMALL).into_font().color(&RGBColor(90, 90, 90)),
-        )))?;
+    // Limits are dashed lines named in the legend (text on the plot would collide with points).
+    const LIMIT_COLORS: [RGBColor; 4] =
+        [RGBColor(70, 70, 70), RGBColor(140, 90, 40), RGBColor(40, 80, 140), RGBColor(120, 40, 110)];
+    for (k, (y, text)) in limits.iter().enumerate() {
+        let style = ShapeStyle::from(&LIMIT_COLORS[k % LIMIT_COLORS.len()]).stroke_width(2);
+        chart
+            .draw_series(DashedLineSeries::new([(0.5, *y), (max_t as f64 + 0.5, *y)], 8, 5, style))?
+            .label(text.clone())
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (7, 0)], style)
+                    + PathElement::new(vec![(11, 0), (18, 0)], style)
+            });
     }
     let multi = multi_label(records);
     let axes = stats::extra_axes(records);
@@ -221,22 +233,64 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
         labels.extend(&pts);
-        label_colors.extend(std::iter::repeat(color).take(pts.len()));
+        label_colors.extend(std::iter::repeat_n(color, pts.len()));
     }
-    let placed = spread_labels(&labels, label_h);
+    let mut lines: Vec<f64> = limits.iter().map(|l| l.0).collect();
+    lines.sort_by(f64::total_cmp);
+    let placed = spread_labels(&labels, &lines, label_h);
     chart.draw_series(labels.iter().zip(&placed).zip(&label_colors).map(|((&(x, y), &ly), &color)| {
         // Darker than the line, so the text stays legible on white.
         let c = RGBColor((color.0 as f64 * 0.6) as u8, (color.1 as f64 * 0.6) as u8, (color.2 as f64 * 0.6) as u8);
-        Text::new(format!("{y:.1}"), (x + 0.04, ly), ("sans-serif", SMALL).into_font().color(&c))
+        let style = ("sans-serif", SMALL).into_font().color(&c).pos(Pos::new(HPos::Left, VPos::Bottom));
+        Text::new(format!("{y:.1}"), (x + 0.05, ly), style)
     }))?;
+    // The legend goes in the corner that hides the fewest points and labels.
+    let names: Vec<String> =
+        limits.iter().map(|l| l.1.clone()).chain(keys.iter().map(|k| k.name(multi, axes))).collect();
+    let legend_w = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as i32 * 7 + 40;
+    let legend_h = names.len() as i32 * 18 + 10;
+    let (px, py) = chart.plotting_area().get_base_pixel();
+    let occupied: Vec<(i32, i32)> = labels
+        .iter()
+        .zip(&placed)
+        .flat_map(|(&(x, y), &ly)| [(x, y), (x + 0.2, ly + label_h / 2.0)])
+        .map(|p| {
+            let (x, y) = chart.backend_coord(&p);
+            (x - px, y - py)
+        })
+        .collect();
+    let (w, h) = chart.plotting_area().dim_in_pixel();
+    let corner = legend_corner((w as i32, h as i32), (legend_w, legend_h), &occupied);
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
         .draw()?;
     Ok(())
+}
+
+/// The corner of a `plot`-sized area (pixels) where a `legend`-sized box covers the fewest of
+/// the `occupied` pixels; lower right on a tie.
+fn legend_corner(plot: (i32, i32), legend: (i32, i32), occupied: &[(i32, i32)]) -> SeriesLabelPosition {
+    let ((w, h), (lw, lh)) = (plot, legend);
+    let margin = 14; // around the box, for the markers' radius and the labels' extent
+    let corners = [
+        (SeriesLabelPosition::LowerRight, (w - lw, h - lh)),
+        (SeriesLabelPosition::UpperRight, (w - lw, 0)),
+        (SeriesLabelPosition::LowerLeft, (0, h - lh)),
+        (SeriesLabelPosition::UpperLeft, (0, 0)),
+        (SeriesLabelPosition::MiddleRight, (w - lw, (h - lh) / 2)),
+        (SeriesLabelPosition::MiddleLeft, (0, (h - lh) / 2)),
+    ];
+    let covered = |(x0, y0): (i32, i32)| {
+        occupied
+            .iter()
+            .filter(|(x, y)| (x0 - margin..x0 + lw + margin).contains(x) && (y0 - margin..y0 + lh + margin).contains(y))
+            .count()
+    };
+    corners.into_iter().min_by_key(|(_, at)| covered(*at)).map(|(c, _)| c).expect("six corners")
 }
 
 /// The x label of each configuration in the stage panel.
@@ -272,16 +326,13 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
     ];
     let max_y = records.iter().flat_map(|r| stages.iter().map(move |(_, f)| f(r))).fold(0.0, f64::max).max(1.0) * 1.1;
     let names = config_names(records);
-    // Horizontal labels while they fit side by side; else turned upright, with room below.
+    // Horizontal labels while they fit side by side; else turned upright (drawn by hand below
+    // the axis: the mesh anchors rotated labels in the plot), with room for the longest.
     let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(1) as u32;
     let text_w = longest * SMALL * 6 / 10 + 8;
     let slot = (area.dim_in_pixel().0.saturating_sub(90)) / n as u32;
     let upright = text_w > slot;
-    let label_area = if upright { (text_w + 24).min(150) } else { 40 };
-    let mut label_style = TextStyle::from(("sans-serif", SMALL).into_font());
-    if upright {
-        label_style = label_style.transform(FontTransform::Rotate90).pos(Pos::new(HPos::Left, VPos::Center));
-    }
+    let label_area = if upright { (text_w + 12).min(170) } else { 40 };
     let mut chart = ChartBuilder::on(area)
         .caption("Stage latency per task (ms)", ("sans-serif", 17))
         .margin(12)
@@ -295,15 +346,24 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
         .x_labels(n)
         .x_label_formatter(&|x| {
             let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
+            if upright || (x - i).abs() > 1e-6 || i < 0.0 {
+                return String::new();
             }
+            names.get(i as usize).cloned().unwrap_or_default()
         })
-        .x_label_style(label_style)
-        .y_label_style(("sans-serif", SMALL))
+        .label_style(("sans-serif", SMALL))
         .draw()?;
+    if upright {
+        let base = area.get_base_pixel();
+        let style = TextStyle::from(("sans-serif", SMALL).into_font()).transform(FontTransform::Rotate90);
+        for (i, name) in names.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(i as f64, 0.0));
+            // Rotated a quarter turn clockwise, the text runs down from its anchor and its
+            // glyphs stand to the anchor's left: centre them on the tick.
+            let at = (x - base.0 + SMALL as i32 / 2, y - base.1 + 6);
+            area.draw(&Text::new(name.clone(), at, style.clone()))?;
+        }
+    }
     for (k, (name, f)) in stages.iter().enumerate() {
         let color = Palette99::pick(k + 5).to_rgba();
         let pts: Vec<(f64, f64)> = records.iter().enumerate().map(|(i, r)| (i as f64, f(r))).collect();
@@ -330,10 +390,24 @@ mod tests {
     #[test]
     fn labels_at_one_x_are_stacked_apart() {
         // 110.1 and 108.5 at the same x, 1.0 units per label: the upper one moves up.
-        let placed = spread_labels(&[(2.0, 110.1), (2.0, 108.5), (1.0, 60.0)], 1.0);
-        assert!((placed[1] - 108.9).abs() < 1e-9, "{placed:?}");
+        let placed = spread_labels(&[(2.0, 110.1), (2.0, 108.5), (1.0, 60.0)], &[], 1.0);
+        assert!((placed[1] - 108.65).abs() < 1e-9, "{placed:?}");
         assert!(placed[0] >= placed[1] + 1.0 - 1e-9, "{placed:?}");
-        assert!((placed[2] - 60.4).abs() < 1e-9, "{placed:?}");
+        assert!((placed[2] - 60.15).abs() < 1e-9, "{placed:?}");
+        // A label that would cross a limit line goes above it.
+        let placed = spread_labels(&[(1.0, 36.8)], &[37.5], 1.0);
+        assert!((placed[0] - 37.65).abs() < 1e-9, "{placed:?}");
+    }
+
+    #[test]
+    fn the_legend_avoids_the_points() {
+        let plot = (600, 400);
+        let legend = (200, 100);
+        // Points along the bottom right: the legend goes up.
+        let low_right = [(500, 380), (550, 350), (450, 390)];
+        assert!(matches!(legend_corner(plot, legend, &low_right), SeriesLabelPosition::UpperRight));
+        // Nothing anywhere: lower right.
+        assert!(matches!(legend_corner(plot, legend, &[]), SeriesLabelPosition::LowerRight));
     }
 
     #[test]
