@@ -144,8 +144,11 @@ fn limit_lines(records: &[RunRecord]) -> Vec<(f64, String)> {
         let y = r.limit.limit_tasks_per_s;
         let mode = if several_modes { format!("{} ", r.mode) } else { String::new() };
         let drift = if r.limit.drifted() { ", drifted" } else { "" };
-        let text =
-            format!("{mode}limit {y:.1} tasks/s ({} cores / {:.1} ms{drift})", r.cores, 1000.0 * r.cores as f64 / y);
+        let text = format!(
+            "{mode}limit {y:.1} tasks/s ({} cores / {:.1} ms CPU{drift})",
+            r.cores,
+            1000.0 * r.cores as f64 / y
+        );
         if !lines.iter().any(|(ly, t)| (ly - y).abs() < 1e-6 && t == &text) {
             lines.push((y, text));
         }

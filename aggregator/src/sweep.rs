@@ -245,7 +245,7 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
         let mode: CropMode = r.mode.parse().map_err(anyhow::Error::msg)?;
         let of = |floors: &[(CropMode, FloorSample, String)]| floors.iter().find(|f| f.0 == mode).cloned();
         if let (Some((_, before, method)), Some((_, after, _))) = (of(&floors_before), of(&floors_after)) {
-            r.limit = Limit::new(method, before.median_ms, after.median_ms, r.cores).with_rate(r.tasks_per_s);
+            r.limit = Limit::new(method, &before, &after, r.cores).with_rate(r.tasks_per_s);
         }
     }
     for mode in &a.crop_modes {
@@ -293,8 +293,8 @@ async fn floors(
         let (sample, method) =
             tokio::task::spawn_blocking(move || floor::measure(&bytes, &boxes, quality, mode, budget)).await??;
         eprintln!(
-            "floor ({mode}, {when}): {:.1} ms median of {} (min {:.1}, max {:.1}; {method})",
-            sample.median_ms, sample.reps, sample.min_ms, sample.max_ms
+            "floor ({mode}, {when}): {:.1} ms CPU median of {} (min {:.1}, max {:.1}; wall {:.1} ms; {method})",
+            sample.median_ms, sample.reps, sample.min_ms, sample.max_ms, sample.median_wall_ms
         );
         out.push((mode, sample, method));
     }

@@ -6,8 +6,13 @@
 //! ([`crate::lossless::crop_all`]).
 //!
 //! A floor is the median of a few repetitions on the calling thread after one warm-up; callers
-//! run it off the async runtime. Machines drift (turbo, noisy neighbours), so the sweep measures
-//! it before and after its grid and flags a difference over [`DRIFT_FLAG_PCT`].
+//! run it off the async runtime. It is counted in the thread's CPU time, not wall time: on a
+//! shared machine other processes stretch the wall clock of a single-thread loop by whatever
+//! they take (80 vs 54 ms per task on the 2-core machine at load 8), while its CPU time is the
+//! work itself at the cores' current speed — what the machine could do if nothing else ran. The
+//! wall-clock median is recorded beside it. Machines still drift (clock speed, thermal limits,
+//! the host under a VM), so the sweep measures the floor before and after its grid and flags a
+//! difference over [`DRIFT_FLAG_PCT`].
 
 use std::time::{Duration, Instant};
 
@@ -93,10 +98,22 @@ impl RawCodec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FloorSample {
+    /// Median CPU time of the thread per repetition: the floor.
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
+    /// Median wall-clock time per repetition (longer than the CPU time when other processes
+    /// share the cores).
+    pub median_wall_ms: f64,
     pub reps: u32,
+}
+
+/// CPU time of the calling thread, milliseconds.
+fn thread_cpu_ms() -> f64 {
+    // SAFETY: clock_gettime writes into the zeroed timespec we pass.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 * 1000.0 + t.tv_nsec as f64 / 1e6
 }
 
 /// What a floor measured, for records: `libjpeg-turbo decode + 50 encodes` etc.
@@ -109,8 +126,9 @@ pub fn method(format_is_jpeg: bool, mode: CropMode, crops: usize, lossless_ok: b
 }
 
 /// Measure the floor of one task of `mode` on `source` with `boxes` at `quality`: one warm-up,
-/// then repetitions until `budget` has passed (at least 3, at most 50); the median counts.
-/// Returns the sample and a description of what was measured.
+/// then repetitions until `budget` has passed (at least 3, at most 50); the median of the
+/// thread's CPU time per repetition counts. Returns the sample and a description of what was
+/// measured.
 pub fn measure(
     source: &[u8],
     boxes: &[CropBox],
@@ -141,18 +159,21 @@ pub fn measure(
     };
     once()?;
     let start = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 50 && (times.len() < 3 || start.elapsed() < budget) {
-        let t = Instant::now();
+    let (mut cpu, mut wall) = (Vec::new(), Vec::new());
+    while cpu.len() < 50 && (cpu.len() < 3 || start.elapsed() < budget) {
+        let (t, c) = (Instant::now(), thread_cpu_ms());
         once()?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        cpu.push(thread_cpu_ms() - c);
+        wall.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    wall.sort_by(f64::total_cmp);
     let sample = FloorSample {
-        median_ms: times[times.len() / 2],
-        min_ms: times[0],
-        max_ms: times[times.len() - 1],
-        reps: times.len() as u32,
+        median_ms: cpu[cpu.len() / 2],
+        min_ms: cpu[0],
+        max_ms: cpu[cpu.len() - 1],
+        median_wall_ms: wall[wall.len() / 2],
+        reps: cpu.len() as u32,
     };
     Ok((sample, what))
 }
@@ -169,10 +190,14 @@ fn clamp(b: &CropBox, width: u32, height: u32) -> CropBox {
 pub struct Limit {
     /// What the floor measured (see [`method`]); empty when no floor was measured.
     pub method: String,
-    /// Floor before the grid (median ms per task, one thread).
+    /// Floor before the grid (median CPU ms per task, one thread).
     pub floor_before_ms: f64,
     /// Floor after the grid.
     pub floor_after_ms: f64,
+    /// The same repetitions' median wall-clock ms, before and after the grid: above the CPU
+    /// time by what other processes took from the measuring thread.
+    pub floor_before_wall_ms: f64,
+    pub floor_after_wall_ms: f64,
     /// Cores ÷ the mean of the two floors: tasks/s this machine could do doing nothing but the
     /// codec work, on every core.
     pub limit_tasks_per_s: f64,
@@ -184,19 +209,26 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The limit of `cores` from the two floors (0 when either is missing).
-    pub fn new(method: String, before: f64, after: f64, cores: u32) -> Limit {
-        if before <= 0.0 || after <= 0.0 {
-            return Limit { method, floor_before_ms: before, floor_after_ms: after, ..Default::default() };
-        }
-        let floor_s = (before + after) / 2.0 / 1000.0;
-        Limit {
+    /// The limit of `cores` from the floors measured before and after the grid (0 when either
+    /// is missing).
+    pub fn new(method: String, before: &FloorSample, after: &FloorSample, cores: u32) -> Limit {
+        let (b, a) = (before.median_ms, after.median_ms);
+        let base = Limit {
             method,
-            floor_before_ms: before,
-            floor_after_ms: after,
+            floor_before_ms: b,
+            floor_after_ms: a,
+            floor_before_wall_ms: before.median_wall_ms,
+            floor_after_wall_ms: after.median_wall_ms,
+            ..Default::default()
+        };
+        if b <= 0.0 || a <= 0.0 {
+            return base;
+        }
+        let floor_s = (b + a) / 2.0 / 1000.0;
+        Limit {
             limit_tasks_per_s: cores.max(1) as f64 / floor_s,
-            pct_of_limit: 0.0,
-            floor_drift_pct: (before - after).abs() / before.min(after) * 100.0,
+            floor_drift_pct: (b - a).abs() / b.min(a) * 100.0,
+            ..base
         }
     }
 
@@ -230,6 +262,7 @@ mod tests {
         let budget = Duration::from_millis(1);
         let (d, what) = measure(&jpeg, &boxes, 85, CropMode::Decode, budget).unwrap();
         assert!(d.reps >= 3 && d.min_ms > 0.0 && d.min_ms <= d.median_ms && d.median_ms <= d.max_ms, "{d:?}");
+        assert!(d.median_wall_ms > 0.0, "{d:?}");
         assert_eq!(what, "libjpeg-turbo decode + 5 encodes, 1 thread");
         let (_, what) = measure(&jpeg, &boxes, 85, CropMode::Lossless, budget).unwrap();
         assert_eq!(what, "lossless bit copy of 5 crops, 1 thread");
@@ -254,12 +287,14 @@ mod tests {
 
     #[test]
     fn limit_from_two_floors() {
-        let l = Limit::new("m".into(), 100.0, 100.0, 2);
+        let f = |ms: f64| FloorSample { median_ms: ms, median_wall_ms: ms * 1.5, ..Default::default() };
+        let l = Limit::new("m".into(), &f(100.0), &f(100.0), 2);
         assert!((l.limit_tasks_per_s - 20.0).abs() < 1e-9 && !l.drifted());
+        assert_eq!((l.floor_before_wall_ms, l.floor_after_wall_ms), (150.0, 150.0));
         assert!((l.with_rate(19.0).pct_of_limit - 95.0).abs() < 1e-9);
-        let d = Limit::new("m".into(), 100.0, 115.0, 2);
+        let d = Limit::new("m".into(), &f(100.0), &f(115.0), 2);
         assert!((d.floor_drift_pct - 15.0).abs() < 1e-9 && d.drifted());
-        let none = Limit::new(String::new(), 0.0, 0.0, 2);
+        let none = Limit::new(String::new(), &f(0.0), &f(0.0), 2);
         assert!(!none.measured() && !none.drifted() && none.with_rate(5.0).pct_of_limit == 0.0);
     }
 }

@@ -193,7 +193,7 @@ impl RunCollector {
 /// The CSV header; the first seven columns are a contract other tools rely on.
 pub const CSV_HEADER: &str = "processes,threads,tasks,crops,wall_s,tasks_per_s,crops_per_s,label,backend,storage,mode,upload_concurrency,prefetch,duplicates,bytes,\
 download_p50_ms,decode_p50_ms,crop_encode_p50_ms,upload_p50_ms,total_p50_ms,total_p95_ms,total_p99_ms,queue_wait_p50_ms,cpu_s_per_task,tasks_per_s_per_core,cores,peak_rss_mib,\
-pct_of_limit,limit_tasks_per_s,floor_before_ms,floor_after_ms,floor_drift_pct,outside_tasks_per_s,started_utc,load_before,\
+pct_of_limit,limit_tasks_per_s,floor_before_ms,floor_after_ms,floor_drift_pct,floor_before_wall_ms,floor_after_wall_ms,outside_tasks_per_s,started_utc,load_before,\
 cpu_model,machine_cores,simd,kernel,version,git_commit,image,image_width,image_height,image_bytes,subsampling,jpeg_process,\
 crops_per_task,quality,queue_uri,storage_uri";
 
@@ -212,12 +212,14 @@ pub fn to_csv(records: &[RunRecord]) -> String {
         s.pop();
         let (l, m, b, w) = (&r.limit, &r.machine, &r.build, &r.workload);
         s.push_str(&format!(
-            ",{:.1},{:.2},{:.2},{:.2},{:.1},{:.2},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            ",{:.1},{:.2},{:.2},{:.2},{:.1},{:.2},{:.2},{:.2},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             l.pct_of_limit,
             l.limit_tasks_per_s,
             l.floor_before_ms,
             l.floor_after_ms,
             l.floor_drift_pct,
+            l.floor_before_wall_ms,
+            l.floor_after_wall_ms,
             r.outside_tasks_per_s,
             r.started_utc,
             r.load_before,
@@ -282,7 +284,7 @@ pub fn to_table(records: &[RunRecord]) -> String {
     let (pf, upc) = extra_axes(records);
     let opt = |on: bool, v: String| if on { v } else { String::new() };
     let mut s = format!(
-        "  {:<16} {:>4} {:>4}{}{} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
+        "  {:<16} {:>4} {:>4}{}{} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
         "label",
         "proc",
         "thr",
@@ -292,6 +294,7 @@ pub fn to_table(records: &[RunRecord]) -> String {
         "wall_s",
         "tasks/s",
         "% limit",
+        "load",
         "crops/s",
         "dec p50",
         "enc p50",
@@ -310,12 +313,15 @@ pub fn to_table(records: &[RunRecord]) -> String {
         } else {
             "-".into()
         };
+        // Unknown in records without provenance (before it was recorded, or `collect`).
+        let load =
+            if r.started_utc.is_empty() || r.load_before < 0.0 { "-".into() } else { format!("{:.1}", r.load_before) };
         s.push_str(&format!(
-            "{} {:<16} {:>4} {:>4}{}{} {:>6} {:>8.2} {:>8.2} {:>8} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2} {:>8}\n",
+            "{} {:<16} {:>4} {:>4}{}{} {:>6} {:>8.2} {:>8.2} {:>8} {:>5} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2} {:>8}\n",
             if Some(i) == mark { "*" } else { " " },
             truncate(&r.label, 16), r.processes, r.threads,
             opt(pf, format!(" {:>4}", r.prefetch)), opt(upc, format!(" {:>4}", r.upload_concurrency)),
-            r.tasks, r.wall_s, r.tasks_per_s, pct, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
+            r.tasks, r.wall_s, r.tasks_per_s, pct, load, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
             st.upload.p50, st.total.p95, r.cpu_s_per_task, r.tasks_per_s_per_core,
             // 0 = not measured (e.g. an external fleet).
             if r.peak_rss_mib > 0.0 { format!("{:.0}", r.peak_rss_mib) } else { "-".into() }
@@ -325,7 +331,9 @@ pub fn to_table(records: &[RunRecord]) -> String {
         s.push_str("* cheapest configuration (fewest processes x threads) within 90% of the best tasks/s\n");
     }
     if records.iter().any(|r| r.limit.measured()) {
-        s.push_str("% limit: tasks/s against this machine's codec limit (cores / single-thread floor, see above)\n");
+        s.push_str(
+            "% limit: tasks/s against this machine's codec limit (cores / single-thread CPU floor, see above)\n",
+        );
     }
     if drifted {
         s.push_str(&format!(
@@ -366,7 +374,8 @@ pub fn describe(records: &[RunRecord]) -> String {
     for r in records.iter().filter(|r| r.limit.measured()) {
         let l = &r.limit;
         push(format!(
-            "limit ({}): {:.1} tasks/s = {} cores / {:.1} ms ({}; floor {:.1} ms before, {:.1} ms after the grid, {:.1}% apart{})",
+            "limit ({}): {:.1} tasks/s = {} cores / {:.1} ms CPU per task ({}; floor {:.1} ms before, {:.1} ms after \
+             the grid, {:.1}% apart{}; wall {:.1} / {:.1} ms)",
             r.mode,
             l.limit_tasks_per_s,
             r.cores,
@@ -375,7 +384,9 @@ pub fn describe(records: &[RunRecord]) -> String {
             l.floor_before_ms,
             l.floor_after_ms,
             l.floor_drift_pct,
-            if l.drifted() { ": DRIFTED" } else { "" }
+            if l.drifted() { ": DRIFTED" } else { "" },
+            l.floor_before_wall_ms,
+            l.floor_after_wall_ms,
         ));
     }
     lines.iter().map(|l| format!("{l}\n")).collect()
