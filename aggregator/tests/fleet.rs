@@ -331,34 +331,33 @@ fn sigterm_drains_in_flight_work() {
     assert!(f.logs().contains("draining"));
 }
 
+/// Run a sweep of `w` into `out` with scratch space in `dir`; `grid` and `more` are its flags.
+fn sweep(
+    w: &cropfleet::sample::Workload,
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    grid: &[&str],
+    more: &[&str],
+) -> std::process::Output {
+    let (image, crops) = (w.image.display().to_string(), w.crops.display().to_string());
+    let (out, work) = (out.display().to_string(), dir.join("work").display().to_string());
+    let args =
+        [&["sweep", "--image", &image, "--crops", &crops, "--out", &out, "--work-dir", &work], grid, more].concat();
+    run_ok("cropfleet-aggregator", &args)
+}
+
 #[test]
 fn sweep_writes_table_csv_json_and_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let w = workload(dir.path(), CROPS);
     let out = dir.path().join("sweep");
-    let o = run_ok(
-        "cropfleet-aggregator",
-        &[
-            "sweep",
-            "--processes",
-            "1,2",
-            "--threads",
-            "1",
-            "--tasks",
-            "6",
-            "--image",
-            &w.image.display().to_string(),
-            "--crops",
-            &w.crops.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-            "--work-dir",
-            &dir.path().join("work").display().to_string(),
-            "--worker-bin",
-            &bin("cropfleet-worker").display().to_string(),
-            "--floor-secs",
-            "0.2",
-        ],
+    let worker = bin("cropfleet-worker").display().to_string();
+    let o = sweep(
+        &w,
+        dir.path(),
+        &out,
+        &["--processes", "1,2", "--threads", "1", "--tasks", "6"],
+        &["--worker-bin", &worker, "--floor-secs", "0.2"],
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("tasks/s"), "{stdout}");
@@ -428,32 +427,8 @@ fn sweep_takes_lists_of_prefetch_and_upload_concurrency_and_report_names_other_m
     let dir = tempfile::tempdir().unwrap();
     let w = workload(dir.path(), 4);
     let out = dir.path().join("sweep");
-    let o = run_ok(
-        "cropfleet-aggregator",
-        &[
-            "sweep",
-            "--processes",
-            "1",
-            "--threads",
-            "1",
-            "--prefetch",
-            "1,4",
-            "--upload-concurrency",
-            "2,8",
-            "--tasks",
-            "2",
-            "--floor-secs",
-            "0",
-            "--image",
-            &w.image.display().to_string(),
-            "--crops",
-            &w.crops.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-            "--work-dir",
-            &dir.path().join("work").display().to_string(),
-        ],
-    );
+    let grid_args = ["--processes", "1", "--threads", "1", "--prefetch", "1,4", "--upload-concurrency", "2,8"];
+    let o = sweep(&w, dir.path(), &out, &grid_args, &["--tasks", "2", "--floor-secs", "0"]);
     let runs: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).unwrap()).unwrap();
     let grid: Vec<(u64, u64)> =
