@@ -241,6 +241,13 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
     let mut lines: Vec<f64> = limits.iter().map(|l| l.0).collect();
     lines.sort_by(f64::total_cmp);
     let placed = spread_labels(&labels, &lines, label_h);
+    // A pale box under each label, so a line crossing it does not strike its digits through.
+    let plot_w = chart.plotting_area().dim_in_pixel().0.max(1) as f64;
+    let unit_x = max_t as f64 / plot_w; // data units per pixel along x
+    chart.draw_series(labels.iter().zip(&placed).map(|(&(x, y), &ly)| {
+        let w = format!("{y:.1}").len() as f64 * SMALL as f64 * 0.62 * unit_x;
+        Rectangle::new([(x + 0.05 - unit_x, ly), (x + 0.05 + w, ly + label_h * 0.9)], WHITE.mix(0.8).filled())
+    }))?;
     chart.draw_series(labels.iter().zip(&placed).zip(&label_colors).map(|((&(x, y), &ly), &color)| {
         // Darker than the line, so the text stays legible on white.
         let c = RGBColor((color.0 as f64 * 0.6) as u8, (color.1 as f64 * 0.6) as u8, (color.2 as f64 * 0.6) as u8);
@@ -340,7 +347,7 @@ fn latency<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunReco
         .caption("Stage latency per task (ms)", ("sans-serif", 17))
         .margin(12)
         .x_label_area_size(label_area)
-        .y_label_area_size(50)
+        .y_label_area_size(62)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..max_y)?;
     chart
         .configure_mesh()
