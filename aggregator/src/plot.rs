@@ -92,43 +92,93 @@ fn short_cpu(model: &str) -> &str {
     model.split(" (family").next().unwrap_or(model)
 }
 
-/// What tells one series from another: label, process count, and the extra axes that vary.
+/// The axis along x in the throughput panel: threads, unless another axis of the grid has more
+/// values (e.g. `--threads 1 --upload-concurrency 8,32,128`: tasks/s against upload concurrency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XAxis {
+    Threads,
+    Prefetch,
+    Upload,
+}
+
+impl XAxis {
+    fn choose(records: &[RunRecord]) -> XAxis {
+        let count = |x: XAxis| records.iter().map(|r| x.of(r)).collect::<BTreeSet<_>>().len();
+        [XAxis::Prefetch, XAxis::Upload]
+            .into_iter()
+            .filter(|&x| count(x) > count(XAxis::Threads))
+            .max_by_key(|&x| count(x))
+            .unwrap_or(XAxis::Threads)
+    }
+
+    fn of(self, r: &RunRecord) -> u32 {
+        match self {
+            XAxis::Threads => r.threads,
+            XAxis::Prefetch => r.prefetch,
+            XAxis::Upload => r.upload_concurrency,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            XAxis::Threads => "CPU threads per worker process",
+            XAxis::Prefetch => "tasks prefetched per worker (--prefetch)",
+            XAxis::Upload => "uploads at once per worker (--upload-concurrency)",
+        }
+    }
+}
+
+/// What tells one series from another: label, process count, and the other axes that vary (the
+/// x axis's own field is 0).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct SeriesKey {
     label: String,
     processes: u32,
+    threads: u32,
     prefetch: u32,
     upload_concurrency: u32,
 }
 
 impl SeriesKey {
-    fn of(r: &RunRecord) -> SeriesKey {
+    fn of(r: &RunRecord, x: XAxis) -> SeriesKey {
+        let keep = |axis: XAxis, v: u32| if axis == x { 0 } else { v };
         SeriesKey {
             label: r.label.clone(),
             processes: r.processes,
-            prefetch: r.prefetch,
-            upload_concurrency: r.upload_concurrency,
+            threads: keep(XAxis::Threads, r.threads),
+            prefetch: keep(XAxis::Prefetch, r.prefetch),
+            upload_concurrency: keep(XAxis::Upload, r.upload_concurrency),
         }
     }
 
-    fn name(&self, multi_label: bool, (pf, upc): (bool, bool)) -> String {
+    /// `multi_label`: several labels; `(thr, pf, upc)`: which of those axes vary across series.
+    fn name(&self, multi_label: bool, (thr, pf, upc): (bool, bool, bool)) -> String {
         let mut n = if multi_label {
             format!("{}, {} proc", self.label, self.processes)
         } else {
             format!("{} process{}", self.processes, if self.processes == 1 { "" } else { "es" })
         };
-        if pf {
+        if thr && self.threads > 0 {
+            n.push_str(&format!(" x {} thr", self.threads));
+        }
+        if pf && self.prefetch > 0 {
             n.push_str(&format!(", prefetch {}", self.prefetch));
         }
-        if upc {
+        if upc && self.upload_concurrency > 0 {
             n.push_str(&format!(", upload {}", self.upload_concurrency));
         }
         n
     }
 }
 
-fn series(records: &[RunRecord]) -> Vec<SeriesKey> {
-    let keys: BTreeSet<SeriesKey> = records.iter().map(SeriesKey::of).collect();
+/// Which of threads, prefetch and upload concurrency vary across `records`.
+fn varying(records: &[RunRecord]) -> (bool, bool, bool) {
+    let varies = |f: fn(&RunRecord) -> u32| records.iter().map(f).collect::<BTreeSet<_>>().len() > 1;
+    (varies(|r| r.threads), varies(|r| r.prefetch), varies(|r| r.upload_concurrency))
+}
+
+fn series(records: &[RunRecord], x: XAxis) -> Vec<SeriesKey> {
+    let keys: BTreeSet<SeriesKey> = records.iter().map(|r| SeriesKey::of(r, x)).collect();
     keys.into_iter().collect()
 }
 
@@ -185,10 +235,14 @@ fn spread_labels(labels: &[(f64, f64)], lines: &[f64], h: f64) -> Vec<f64> {
 }
 
 fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunRecord]) -> DrawResult<DB> {
-    let max_t = records.iter().map(|r| r.threads).max().unwrap_or(1).max(1);
+    let axis = XAxis::choose(records);
+    // Categorical positions 1..=n for the distinct values along x, so 8, 32, 128 are evenly spaced.
+    let values: Vec<u32> = records.iter().map(|r| axis.of(r)).collect::<BTreeSet<_>>().into_iter().collect();
+    let pos = |r: &RunRecord| values.iter().position(|&v| v == axis.of(r)).unwrap_or(0) as f64 + 1.0;
+    let max_t = values.len().max(1) as u32;
     let limits = limit_lines(records);
     let top = records.iter().map(|r| r.tasks_per_s).chain(limits.iter().map(|l| l.0)).fold(0.0, f64::max).max(1.0);
-    let keys = series(records);
+    let keys = series(records, axis);
     // Room above the highest point for stacked labels: one label height per series.
     let max_y = top * (1.12 + 0.03 * keys.len() as f64);
     let mut chart = ChartBuilder::on(area)
@@ -199,10 +253,16 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
         .build_cartesian_2d(0.5f64..(max_t as f64 + 0.5), 0f64..max_y)?;
     chart
         .configure_mesh()
-        .x_desc("CPU threads per worker process")
+        .x_desc(axis.describe())
         .y_desc("tasks/s")
         .x_labels(max_t as usize + 1)
-        .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() })
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() > 1e-6 || i < 1.0 {
+                return String::new();
+            }
+            values.get(i as usize - 1).map(|v| v.to_string()).unwrap_or_default()
+        })
         .label_style(("sans-serif", 13))
         .draw()?;
     let plot_h = chart.plotting_area().dim_in_pixel().1.max(1) as f64;
@@ -222,13 +282,13 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[RunR
             });
     }
     let multi = multi_label(records);
-    let axes = stats::extra_axes(records);
+    let axes = varying(records);
     let mut labels: Vec<(f64, f64)> = Vec::new();
     let mut label_colors = Vec::new();
     for (i, key) in keys.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let mut pts: Vec<(f64, f64)> =
-            records.iter().filter(|r| &SeriesKey::of(r) == key).map(|r| (r.threads as f64, r.tasks_per_s)).collect();
+            records.iter().filter(|r| &SeriesKey::of(r, axis) == key).map(|r| (pos(r), r.tasks_per_s)).collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
@@ -422,9 +482,20 @@ mod tests {
 
     #[test]
     fn series_names_carry_the_axes_that_vary() {
-        let k = SeriesKey { label: "spool".into(), processes: 2, prefetch: 8, upload_concurrency: 32 };
-        assert_eq!(k.name(false, (false, false)), "2 processes");
-        assert_eq!(k.name(true, (false, true)), "spool, 2 proc, upload 32");
-        assert_eq!(k.name(false, (true, true)), "2 processes, prefetch 8, upload 32");
+        let k = SeriesKey { label: "spool".into(), processes: 2, threads: 0, prefetch: 8, upload_concurrency: 32 };
+        assert_eq!(k.name(false, (true, false, false)), "2 processes");
+        assert_eq!(k.name(true, (true, false, true)), "spool, 2 proc, upload 32");
+        assert_eq!(k.name(false, (false, true, true)), "2 processes, prefetch 8, upload 32");
+        let k = SeriesKey { threads: 4, upload_concurrency: 0, ..k };
+        assert_eq!(k.name(false, (true, false, true)), "2 processes x 4 thr");
+    }
+
+    #[test]
+    fn the_x_axis_is_the_one_with_most_values() {
+        let r = |threads, upload_concurrency| RunRecord { threads, upload_concurrency, ..Default::default() };
+        assert_eq!(XAxis::choose(&[r(1, 8), r(2, 8), r(4, 8)]), XAxis::Threads);
+        assert_eq!(XAxis::choose(&[r(1, 8), r(1, 32), r(1, 128)]), XAxis::Upload);
+        // A tie keeps threads along x.
+        assert_eq!(XAxis::choose(&[r(1, 8), r(2, 8), r(1, 32), r(2, 32)]), XAxis::Threads);
     }
 }

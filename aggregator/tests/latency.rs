@@ -180,7 +180,8 @@ fn measure_latency_hiding() {
     let best = |recs: &[serde_json::Value]| recs.iter().map(|r| r["tasks_per_s"].as_f64().unwrap()).fold(0.0, f64::max);
     for (a, b) in runs[0].1.iter().zip(&runs[1].1) {
         let (x, y) = (a["tasks_per_s"].as_f64().unwrap(), b["tasks_per_s"].as_f64().unwrap());
-        let (p, t, f, u) = (&a["processes"], &a["threads"], &a["prefetch"], &a["upload_concurrency"]);
+        let n = |k: &str| a[k].as_u64().unwrap_or(0);
+        let (p, t, f, u) = (n("processes"), n("threads"), n("prefetch"), n("upload_concurrency"));
         println!("{p:>5} {t:>4} {f:>4} {u:>5} {x:>9.2} {y:>9.2} {:>6.0}%", 100.0 * y / x);
     }
     let (b0, b1) = (best(&runs[0].1), best(&runs[1].1));
