@@ -196,7 +196,9 @@ fn kernel() -> String {
 #[cfg(target_arch = "x86_64")]
 extern "C" {
     /// libjpeg-turbo's own CPU probe (simd/x86_64/jsimdcpu.asm), linked in by turbojpeg-sys:
-    /// a bit set of JSIMD_* flags, the same value its SIMD dispatch starts from.
+    /// a bit set of JSIMD_* flags, the same value its SIMD dispatch starts from. It is in the
+    /// static library this workspace builds (turbojpeg-sys's `cmake` feature); a shared
+    /// libturbojpeg would export only the `tj*` API.
     fn jpeg_simd_cpu_support() -> libc::c_uint;
 }
 
