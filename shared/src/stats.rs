@@ -332,7 +332,8 @@ pub fn to_table(records: &[RunRecord]) -> String {
     }
     if records.iter().any(|r| r.limit.measured()) {
         s.push_str(
-            "% limit: tasks/s against this machine's codec limit (cores / single-thread CPU floor, see above)\n",
+            "% limit: tasks/s against this machine's codec limit (cores / single-thread CPU floor, see above); \
+             load: 1-minute load average before the run\n",
         );
     }
     if drifted {
