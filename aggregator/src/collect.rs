@@ -96,6 +96,10 @@ pub async fn run(a: CollectArgs) -> anyhow::Result<()> {
                     mode: "decode".into(),
                     processes: a.processes,
                     cores,
+                    // The fleet ran elsewhere: this machine is not recorded as its machine.
+                    started_utc: cropfleet::util::iso8601_utc(c.started_ms()),
+                    build: crate::this_build(),
+                    queue_uri: cropfleet::secret::redact(&a.results),
                     ..Default::default()
                 },
                 0.0,

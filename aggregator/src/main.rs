@@ -81,6 +81,14 @@ fn write_sample(dir: &Path, mp: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This binary's version and git commit (stamped by build.rs).
+pub fn this_build() -> cropfleet::provenance::Build {
+    cropfleet::provenance::Build {
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: env!("CROPFLEET_GIT_COMMIT").into(),
+    }
+}
+
 fn report(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     let mut records = Vec::new();
     for f in files {
@@ -91,13 +99,20 @@ fn report(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     write_outputs(&records, out, "cropfleet throughput")
 }
 
-/// Write runs.csv, runs.json and the pictures into `out`, and print the table.
+/// Write runs.csv, runs.json and the pictures into `out`, and print where the runs come from
+/// and the table. The picture's title is `title` followed by every label of `records`.
 pub fn write_outputs(records: &[RunRecord], out: &Path, title: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("runs.csv"), stats::to_csv(records)).context("writing runs.csv")?;
     std::fs::write(out.join("runs.json"), serde_json::to_string_pretty(records)?).context("writing runs.json")?;
-    plot::write(records, out, "throughput", title)?;
-    println!("\n{}", stats::to_table(records));
+    let mut labels: Vec<&str> = Vec::new();
+    for r in records {
+        if !labels.contains(&r.label.as_str()) {
+            labels.push(&r.label);
+        }
+    }
+    plot::write(records, out, "throughput", &format!("{title}: {}", labels.join(", ")))?;
+    println!("\n{}{}", stats::describe(records), stats::to_table(records));
     println!("wrote {0}/runs.csv, {0}/runs.json, {0}/throughput.svg, {0}/throughput.png", out.display());
     Ok(())
 }

@@ -1,17 +1,24 @@
-//! `sweep`: for each configuration of a grid (worker processes × CPU threads), start that many
-//! real `cropfleet-worker` processes on fresh queues, enqueue the same workload, wait until
-//! every task's result event arrived, stop the workers, and record the run.
+//! `sweep`: for each configuration of a grid (worker processes × CPU threads × prefetch ×
+//! upload concurrency × crop mode), start that many real `cropfleet-worker` processes on fresh
+//! queues, enqueue the same workload, wait until every task's result event arrived, stop the
+//! workers, and record the run — with its provenance (machine, build, workload, load) and this
+//! machine's codec limit, measured before and after the grid (`floor`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use cropfleet::floor::{self, FloorSample, Limit};
+use cropfleet::precheck::{Checker, Limits};
 use cropfleet::produce::{self, Template};
+use cropfleet::provenance::{load_average, Machine, Workload};
 use cropfleet::queue::{self, amqp, pubsub, ConsumerOptions, Queue, QueueUri};
 use cropfleet::secret::redact;
-use cropfleet::stats::{RunCollector, RunRecord};
+use cropfleet::stats::{short_commit, RunCollector, RunRecord};
+use cropfleet::storage::{Location, Storage, StorageOptions, DEFAULT_MAX_SOURCE_BYTES};
 use cropfleet::task::{CropMode, ResultEvent};
+use cropfleet::CropBox;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -53,16 +60,21 @@ pub struct SweepArgs {
     /// crops.p2t4 and crops.p2t4.results with their subscriptions, likewise).
     #[arg(long, env = "CROPFLEET_QUEUE")]
     pub queue: Option<String>,
-    /// Tasks each worker holds at once (worker --prefetch).
-    #[arg(long, env = "CROPFLEET_PREFETCH", default_value_t = 16)]
-    pub prefetch: u32,
-    /// Uploads each worker runs at once (worker --upload-concurrency).
-    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", default_value_t = 128)]
-    pub upload_concurrency: u32,
+    /// Tasks each worker holds at once (worker --prefetch), a list like --threads: each value
+    /// is one more axis of the grid.
+    #[arg(long, env = "CROPFLEET_PREFETCH", value_delimiter = ',', default_value = "16")]
+    pub prefetch: Vec<u32>,
+    /// Uploads each worker runs at once (worker --upload-concurrency), a list like --threads.
+    #[arg(long, env = "CROPFLEET_UPLOAD_CONCURRENCY", value_delimiter = ',', default_value = "128")]
+    pub upload_concurrency: Vec<u32>,
+    /// Seconds spent measuring this machine's codec floor for each crop mode, before and after
+    /// the grid (the limit the `% limit` column compares with); 0 skips it.
+    #[arg(long, env = "CROPFLEET_FLOOR_SECS", default_value_t = 2.0)]
+    pub floor_secs: f64,
     /// Label of these runs in the table and picture [default: the queue backend, e.g. spool].
     #[arg(long, env = "CROPFLEET_LABEL")]
     pub label: Option<String>,
-    /// The worker binary [default: next to this binary, built by cargo when run through cargo].
+    /// The worker binary [default: next to this binary, else on PATH].
     #[arg(long, env = "CROPFLEET_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
     /// Extra argument passed to every worker (repeatable), e.g. --worker-arg=--crop-mode=lossless.
@@ -84,21 +96,69 @@ pub struct SweepArgs {
 struct Config {
     processes: u32,
     threads: u32,
+    prefetch: u32,
+    upload_concurrency: u32,
     mode: CropMode,
+    /// Whether the grid varies prefetch / upload concurrency (then the tag names them).
+    axes: (bool, bool),
 }
 
 impl Config {
+    /// Names the configuration's queues and folders: `p2t4`, `p2t4f8u32-lossless`, …
     fn tag(&self) -> String {
-        match self.mode {
-            CropMode::Decode => format!("p{}t{}", self.processes, self.threads),
-            mode => format!("p{}t{}-{mode}", self.processes, self.threads),
+        let mut t = format!("p{}t{}", self.processes, self.threads);
+        if self.axes.0 {
+            t.push_str(&format!("f{}", self.prefetch));
         }
+        if self.axes.1 {
+            t.push_str(&format!("u{}", self.upload_concurrency));
+        }
+        if self.mode != CropMode::Decode {
+            t.push_str(&format!("-{}", self.mode));
+        }
+        t
+    }
+
+    /// For the progress bar: `1 proc x 2 thr`, with the axes that vary.
+    fn describe(&self) -> String {
+        let mut d = format!("{} proc x {} thr", self.processes, self.threads);
+        if self.axes.0 {
+            d.push_str(&format!(" pf {}", self.prefetch));
+        }
+        if self.axes.1 {
+            d.push_str(&format!(" upc {}", self.upload_concurrency));
+        }
+        d
     }
 }
 
+/// Every combination of the axes, crop mode outermost, threads innermost.
+fn grid(a: &SweepArgs) -> Vec<Config> {
+    let axes = (a.prefetch.len() > 1, a.upload_concurrency.len() > 1);
+    let mut configs = Vec::new();
+    for &mode in &a.crop_modes {
+        for &upload_concurrency in &a.upload_concurrency {
+            for &prefetch in &a.prefetch {
+                for &processes in &a.processes {
+                    for &threads in &a.threads {
+                        configs.push(Config { processes, threads, prefetch, upload_concurrency, mode, axes });
+                    }
+                }
+            }
+        }
+    }
+    configs
+}
+
 pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
-    if a.processes.is_empty() || a.threads.is_empty() || a.processes.contains(&0) || a.threads.contains(&0) {
-        bail!("--processes and --threads need positive counts");
+    let lists = [("--processes", &a.processes), ("--threads", &a.threads), ("--prefetch", &a.prefetch)];
+    for (flag, list) in lists.into_iter().chain([("--upload-concurrency", &a.upload_concurrency)]) {
+        if list.is_empty() || list.contains(&0) {
+            bail!("{flag} needs positive counts");
+        }
+    }
+    if a.crop_modes.is_empty() {
+        bail!("--crop-modes needs at least one mode");
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let out = std::fs::canonicalize(&a.out)?;
@@ -106,7 +166,19 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     let worker_bin =
         if a.launcher.is_local() { find_worker(a.worker_bin.clone())? } else { PathBuf::from("(external fleet)") };
     let (image, crops) = match (&a.image, &a.crops) {
-        (Some(i), Some(c)) => (i.clone(), c.clone()),
+        (Some(i), Some(c)) => {
+            // The producer's checks (image readable and within limits, boxes fit), so a bad
+            // workload is one clear error now rather than a dead letter per task.
+            let limits = Limits { max_pixels: u64::MAX, max_crops: usize::MAX };
+            let checked = Checker::new(limits)
+                .check(i, &produce::crops_spec(c)?, "unused")
+                .context("checking the workload (--image, --crops)")?;
+            let crops = match checked.crops {
+                cropfleet::task::CropsSpec::Uri(u) => u,
+                cropfleet::task::CropsSpec::Inline(_) => c.clone(),
+            };
+            (checked.image, crops)
+        }
         _ => {
             let (w, h) = sample_dims(a.sample_mp);
             eprintln!(
@@ -131,14 +203,7 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let work = std::fs::canonicalize(&work)?;
     let storage = a.launcher.storage().unwrap_or_else(|| fs_kind(&work));
-    let mut configs = Vec::new();
-    for &mode in &a.crop_modes {
-        for &processes in &a.processes {
-            for &threads in &a.threads {
-                configs.push(Config { processes, threads, mode });
-            }
-        }
-    }
+    let configs = grid(&a);
     eprintln!(
         "sweep: {} configurations x {} tasks; worker {}; queues and crops in {} ({storage})",
         configs.len(),
@@ -146,22 +211,94 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
         worker_bin.display(),
         work.display()
     );
+    let source = load_workload(&image, &crops).await;
+    let workload = match &source {
+        Ok((bytes, boxes)) => Workload::describe(&image, bytes, boxes.len(), a.quality),
+        Err(e) => {
+            eprintln!(
+                "sweep: cannot read the workload here ({e:#}): no workload details and no machine limit recorded"
+            );
+            Workload { image: redact(&image), format: "unknown".into(), quality: a.quality, ..Default::default() }
+        }
+    };
+    let machine = Machine::this();
+    let build = crate::this_build();
+    eprintln!("machine: {}; cropfleet {} ({})", machine.describe(), build.version, short_commit(&build.git_commit));
+    eprintln!("workload: {}", workload.describe_line());
+    let source = source.ok().filter(|_| a.floor_secs > 0.0);
+    let floors_before = floors(source.as_ref(), &a, "before the grid").await?;
+
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let mut records = Vec::new();
     for (i, cfg) in configs.iter().enumerate() {
         let rec = run_config(&a, *cfg, i, configs.len(), &worker_bin, &image, &crops, &work, &logs, &storage)
             .await
-            .with_context(|| {
-                format!("configuration {} ({} processes x {} threads)", cfg.tag(), cfg.processes, cfg.threads)
-            })?;
-        records.push(rec);
+            .with_context(|| format!("configuration {} ({})", cfg.tag(), cfg.describe()))?;
+        records.push(RunRecord { machine: machine.clone(), build: build.clone(), workload: workload.clone(), ..rec });
     }
     if a.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    let label = records.first().map(|r| r.label.clone()).unwrap_or_default();
-    crate::write_outputs(&records, &out, &format!("cropfleet sweep: {} tasks per configuration, {label}", a.tasks))
+    let floors_after = floors(source.as_ref(), &a, "after the grid").await?;
+    for r in &mut records {
+        let mode: CropMode = r.mode.parse().map_err(anyhow::Error::msg)?;
+        let of = |floors: &[(CropMode, FloorSample, String)]| floors.iter().find(|f| f.0 == mode).cloned();
+        if let (Some((_, before, method)), Some((_, after, _))) = (of(&floors_before), of(&floors_after)) {
+            r.limit = Limit::new(method, &before, &after, r.cores).with_rate(r.tasks_per_s);
+        }
+    }
+    for mode in &a.crop_modes {
+        if let Some(r) = records.iter().find(|r| r.mode == mode.to_string() && r.limit.drifted()) {
+            eprintln!(
+                "sweep: WARNING: the {mode} floor moved {:.1}% between before and after the grid ({:.1} -> {:.1} ms): \
+                 this machine's speed changed while the sweep ran; compare runs of this sweep with care",
+                r.limit.floor_drift_pct, r.limit.floor_before_ms, r.limit.floor_after_ms
+            );
+        }
+    }
+    crate::write_outputs(&records, &out, &format!("cropfleet sweep, {} tasks per configuration", a.tasks))
+}
+
+/// The source bytes and crop boxes, read here (local files, or gs:// and http(s):// as the
+/// workers would) for the workload's description and the floor.
+async fn load_workload(image: &str, crops: &str) -> anyhow::Result<(Vec<u8>, Vec<CropBox>)> {
+    let storage = Storage::from_env(StorageOptions { allow_private_sources: true, ..Default::default() })?;
+    let bytes = storage
+        .get(&Location::parse(image)?, DEFAULT_MAX_SOURCE_BYTES)
+        .await
+        .with_context(|| format!("reading {}", redact(image)))?;
+    let boxes = match produce::crops_spec(crops)? {
+        cropfleet::task::CropsSpec::Inline(b) => b,
+        cropfleet::task::CropsSpec::Uri(u) => {
+            let text = storage.get(&Location::parse(&u)?, 64 << 20).await.with_context(|| format!("reading {u}"))?;
+            cropfleet::crops::parse_csv(&String::from_utf8_lossy(&text))?
+        }
+    };
+    Ok((bytes, boxes))
+}
+
+/// This machine's codec floor for each crop mode of the sweep (none without a readable source).
+async fn floors(
+    source: Option<&(Vec<u8>, Vec<CropBox>)>,
+    a: &SweepArgs,
+    when: &str,
+) -> anyhow::Result<Vec<(CropMode, FloorSample, String)>> {
+    let mut out = Vec::new();
+    let Some((bytes, boxes)) = source else { return Ok(out) };
+    for &mode in &a.crop_modes {
+        let (bytes, boxes, quality) = (bytes.clone(), boxes.clone(), a.quality);
+        let budget = Duration::from_secs_f64(a.floor_secs);
+        // CPU work: on a blocking thread, one at a time, nothing else of ours running.
+        let (sample, method) =
+            tokio::task::spawn_blocking(move || floor::measure(&bytes, &boxes, quality, mode, budget)).await??;
+        eprintln!(
+            "floor ({mode}, {when}): {:.1} ms CPU median of {} (min {:.1}, max {:.1}; wall {:.1} ms; {method})",
+            sample.median_ms, sample.reps, sample.min_ms, sample.max_ms, sample.median_wall_ms
+        );
+        out.push((mode, sample, method));
+    }
+    Ok(out)
 }
 
 /// A 4:3 size of about `mp` megapixels, multiple of 16 (12 → the standard 4000x3000 sample).
@@ -228,6 +365,8 @@ async fn run_config(
     storage: &str,
 ) -> anyhow::Result<RunRecord> {
     let tag = cfg.tag();
+    let started_utc = cropfleet::util::iso8601_utc(cropfleet::util::now_ms());
+    let load_before = load_average().unwrap_or(-1.0);
     let dir = work.join(&tag);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -244,10 +383,11 @@ async fn run_config(
 
     // Enqueue the whole workload first, so workers start on a full queue.
     let run_id = format!("sweep-{}-{tag}", cropfleet::util::now_ms());
+    let output = a.launcher.output_for(&tag).unwrap_or_else(|| dir.join("out").display().to_string());
     let template = Template {
         image: image.to_string(),
         crops: produce::crops_spec(crops)?,
-        output: a.launcher.output_for(&tag).unwrap_or_else(|| dir.join("out").display().to_string()),
+        output: output.clone(),
         quality: Some(a.quality),
         crop_mode: Some(cfg.mode),
     };
@@ -261,8 +401,8 @@ async fn run_config(
     let scale = crate::launcher::Scale {
         processes: cfg.processes,
         threads: cfg.threads,
-        prefetch: a.prefetch,
-        upload_concurrency: a.upload_concurrency,
+        prefetch: cfg.prefetch,
+        upload_concurrency: cfg.upload_concurrency,
         queue: &tasks_uri,
         results: &results_uri,
         tag: &tag,
@@ -286,7 +426,8 @@ async fn run_config(
             .expect("template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("{}/{} {} proc x {} thr", index + 1, of, cfg.processes, cfg.threads));
+    let mode = if a.crop_modes.len() > 1 { format!(" {}", cfg.mode) } else { String::new() };
+    bar.set_prefix(format!("{}/{} {}{mode}", index + 1, of, cfg.describe()));
     let collected = collect_results(
         &*results_q,
         &run_id,
@@ -304,6 +445,12 @@ async fn run_config(
     };
     let collector = collected?;
     stopped?;
+    // The outside clock: the span from the first to the last crop file written, as the files'
+    // modification times tell it (local outputs only).
+    let outside_tasks_per_s = match Location::parse(&output) {
+        Ok(Location::Local(p)) => outside_rate(&p).await,
+        _ => 0.0,
+    };
     let record = collector.record(
         RunRecord {
             label: match (&a.label, cfg.mode) {
@@ -316,8 +463,13 @@ async fn run_config(
             mode: cfg.mode.to_string(),
             processes: cfg.processes,
             threads: cfg.threads,
-            upload_concurrency: a.upload_concurrency,
-            prefetch: a.prefetch,
+            upload_concurrency: cfg.upload_concurrency,
+            prefetch: cfg.prefetch,
+            started_utc,
+            load_before,
+            queue_uri: redact(&tasks_uri),
+            storage_uri: redact(&output),
+            outside_tasks_per_s,
             cores: a
                 .launcher
                 .cores()
@@ -327,9 +479,18 @@ async fn run_config(
         },
         usage.cpu_seconds,
     );
+    let outside = if outside_tasks_per_s > 0.0 {
+        format!(
+            "; outside clock {:.2} tasks/s ({:+.1}%)",
+            outside_tasks_per_s,
+            (record.tasks_per_s / outside_tasks_per_s - 1.0) * 100.0
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{tag}: {} tasks in {:.2}s = {:.2} tasks/s, {:.0} crops/s, {:.3} CPU-s/task",
-        record.tasks, record.wall_s, record.tasks_per_s, record.crops_per_s, record.cpu_s_per_task
+        "{tag}: {} tasks in {:.2}s = {:.2} tasks/s, {:.0} crops/s, {:.3} CPU-s/task, load {:.2} before{outside}",
+        record.tasks, record.wall_s, record.tasks_per_s, record.crops_per_s, record.cpu_s_per_task, load_before
     );
     if !a.keep_outputs {
         let _ = std::fs::remove_dir_all(&dir);
@@ -351,8 +512,8 @@ fn spawn_worker(
     Command::new(bin)
         .args(["--queue", tasks, "--results", results])
         .args(["--threads", &cfg.threads.to_string()])
-        .args(["--prefetch", &a.prefetch.to_string()])
-        .args(["--upload-concurrency", &a.upload_concurrency.to_string()])
+        .args(["--prefetch", &cfg.prefetch.to_string()])
+        .args(["--upload-concurrency", &cfg.upload_concurrency.to_string()])
         .args(["--http-addr", "off", "--log-format", "text"])
         .args(["--exit-when-idle", "60"])
         .args(&a.worker_args)
@@ -452,29 +613,48 @@ fn fs_kind(path: &Path) -> String {
     }
 }
 
-/// Find `cropfleet-worker`: the flag, else beside this binary — and when launched by
-/// `cargo run`, build it first so a fresh clone's one command just works.
+/// tasks/s by the files' own clock: task folders under `out` ÷ the span between the first and
+/// the last crop file's modification time (0 when there is nothing to measure).
+async fn outside_rate(out: &Path) -> f64 {
+    let out = out.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let (mut first, mut last, mut tasks) = (None::<SystemTime>, None::<SystemTime>, 0u64);
+        for task in std::fs::read_dir(&out).into_iter().flatten().flatten() {
+            tasks += 1;
+            for f in std::fs::read_dir(task.path()).into_iter().flatten().flatten() {
+                if let Ok(t) = f.metadata().and_then(|m| m.modified()) {
+                    first = Some(first.map_or(t, |x| x.min(t)));
+                    last = Some(last.map_or(t, |x| x.max(t)));
+                }
+            }
+        }
+        match (first, last) {
+            (Some(f), Some(l)) if l > f => tasks as f64 / l.duration_since(f).unwrap_or_default().as_secs_f64(),
+            _ => 0.0,
+        }
+    })
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Find `cropfleet-worker`: the flag, else beside this binary, else on PATH. Nothing is built
+/// here: `scripts/sweep.sh` builds the workspace once (a second cargo build from in here would
+/// resolve other features and rebuild dependencies, silently, for minutes).
 fn find_worker(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p);
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let sibling = exe.with_file_name("cropfleet-worker");
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let release = exe.parent().is_some_and(|p| p.ends_with("release"));
-        eprintln!("building cropfleet-worker ({})", if release { "release" } else { "debug" });
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "cropfleet-worker", "--manifest-path"]).arg(&manifest);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().context("running cargo build for cropfleet-worker")?;
-        if !status.success() {
-            bail!("cargo build -p cropfleet-worker failed");
-        }
-    }
     if sibling.exists() {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if std::env::var_os("CARGO").is_some() && modified(&sibling) < modified(&exe) {
+            eprintln!(
+                "sweep: note: {} is older than this binary and `cargo run -p cropfleet-aggregator` does not \
+                 rebuild it; scripts/sweep.sh (or cargo build --release --bins) builds both",
+                sibling.display()
+            );
+        }
         return Ok(sibling);
     }
     if let Some(p) = std::env::var_os("PATH")
@@ -483,7 +663,8 @@ fn find_worker(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         return Ok(p);
     }
     bail!(
-        "cannot find cropfleet-worker next to {} or on PATH; build it (cargo build --release) or pass --worker-bin",
+        "cannot find cropfleet-worker next to {} or on PATH: run scripts/sweep.sh (sets up, builds the workspace once, \
+         runs the sweep), or build it (cargo build --release --bins), or pass --worker-bin",
         exe.display()
     )
 }

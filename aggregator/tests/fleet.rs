@@ -73,6 +73,75 @@ fn producer_workers_aggregator_all_outputs_present() {
 }
 
 #[test]
+fn producer_checks_before_it_enqueues_and_makes_paths_absolute() {
+    let f = Fleet::new();
+    let w = workload(f.dir.path(), CROPS);
+    let dir = f.dir.path();
+    std::fs::write(dir.join("bad.csv"), "x,y,w,h\n10,ten,50,50\n").unwrap();
+    std::fs::write(dir.join("edge.csv"), "x,y,w,h\n700,500,200,50\n").unwrap();
+    std::fs::write(dir.join("notes.jpg"), "not pixels\n").unwrap();
+    std::fs::write(dir.join("bomb.png"), png_header(30000, 30000)).unwrap();
+    let producer = |args: &[&str]| {
+        std::process::Command::new(bin("cropfleet-producer"))
+            .args(["--queue", &f.tasks, "--output", "out"])
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let (img, crops) = ("sample-800x600.jpg", &*format!("crops-800x600-{CROPS}.csv"));
+    assert!(w.image.ends_with(img) && w.crops.ends_with(crops));
+    for (image, crops, want) in [
+        ("nope.jpg", crops, "nope.jpg: not found"),
+        ("notes.jpg", crops, "not a JPEG, PNG or WebP"),
+        ("bomb.png", crops, "30000x30000"),
+        (img, "nope.csv", "nope.csv: not found"),
+        (img, "bad.csv", "is not an integer"),
+        (img, "edge.csv", "outside the 800x600 image"),
+        (img, "700,500,200,50", "outside the 800x600 image"),
+    ] {
+        let o = producer(&["--image", image, "--crops", crops, "--repeat", "3"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want) && err.contains("nothing was enqueued"),
+            "{image} {crops}: {err}"
+        );
+        assert!(f.spool_files("tasks", "ready").is_empty(), "{image} {crops}: something was enqueued");
+    }
+    // A good task goes in with absolute paths; --no-check passes a bad one through unchanged.
+    let o = producer(&["--image", img, "--crops", crops, "--run-id", "ok"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = producer(&["--image", "nope.jpg", "--crops", crops, "--run-id", "unchecked", "--no-check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut tasks: Vec<serde_json::Value> = f
+        .spool_files("tasks", "ready")
+        .iter()
+        .map(|n| serde_json::from_slice(&std::fs::read(f.path("tasks/ready").join(n)).unwrap()).unwrap())
+        .collect();
+    tasks.sort_by_key(|t| t["run_id"].as_str().unwrap().to_string());
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[0]["image"], w.image.display().to_string());
+    assert_eq!(tasks[0]["crops"], w.crops.display().to_string());
+    assert_eq!(tasks[0]["output"], dir.join("out").display().to_string());
+    assert_eq!((&tasks[1]["image"], &tasks[1]["output"]), (&"nope.jpg".into(), &"out".into()));
+    // A manifest is checked line by line, and the error names the line.
+    std::fs::write(
+        dir.join("m.jsonl"),
+        format!("{{\"image\":\"{img}\",\"crops\":\"{crops}\",\"output\":\"o\"}}\n{{\"image\":\"nope.jpg\",\"crops\":\"{crops}\",\"output\":\"o\"}}\n"),
+    )
+    .unwrap();
+    let o = std::process::Command::new(bin("cropfleet-producer"))
+        .args(["--queue", &f.tasks, "--manifest", "m.jsonl"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("manifest line 2") && err.contains("nope.jpg: not found"), "{err}");
+    assert_eq!(f.spool_files("tasks", "ready").len(), 2, "the manifest enqueued nothing");
+}
+
+#[test]
 fn poison_messages_are_dead_lettered_and_good_tasks_finish() {
     let mut f = Fleet::new();
     let w = workload(f.dir.path(), CROPS);
@@ -262,32 +331,33 @@ fn sigterm_drains_in_flight_work() {
     assert!(f.logs().contains("draining"));
 }
 
+/// Run a sweep of `w` into `out` with scratch space in `dir`; `grid` and `more` are its flags.
+fn sweep(
+    w: &cropfleet::sample::Workload,
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    grid: &[&str],
+    more: &[&str],
+) -> std::process::Output {
+    let (image, crops) = (w.image.display().to_string(), w.crops.display().to_string());
+    let (out, work) = (out.display().to_string(), dir.join("work").display().to_string());
+    let args =
+        [&["sweep", "--image", &image, "--crops", &crops, "--out", &out, "--work-dir", &work], grid, more].concat();
+    run_ok("cropfleet-aggregator", &args)
+}
+
 #[test]
 fn sweep_writes_table_csv_json_and_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let w = workload(dir.path(), CROPS);
     let out = dir.path().join("sweep");
-    let o = run_ok(
-        "cropfleet-aggregator",
-        &[
-            "sweep",
-            "--processes",
-            "1,2",
-            "--threads",
-            "1",
-            "--tasks",
-            "6",
-            "--image",
-            &w.image.display().to_string(),
-            "--crops",
-            &w.crops.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-            "--work-dir",
-            &dir.path().join("work").display().to_string(),
-            "--worker-bin",
-            &bin("cropfleet-worker").display().to_string(),
-        ],
+    let worker = bin("cropfleet-worker").display().to_string();
+    let o = sweep(
+        &w,
+        dir.path(),
+        &out,
+        &["--processes", "1,2", "--threads", "1", "--tasks", "6"],
+        &["--worker-bin", &worker, "--floor-secs", "0.2"],
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("tasks/s"), "{stdout}");
@@ -307,6 +377,93 @@ fn sweep_writes_table_csv_json_and_pictures() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).unwrap()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
+    // Provenance: machine, build, workload, time, load, URIs; this machine's limit, measured
+    // before and after the grid, and each run against it; the outside clock.
+    for r in json.as_array().unwrap() {
+        let m = &r["machine"];
+        assert!(m["cpu_model"].as_str().unwrap().len() > 3 && m["cores"].as_u64().unwrap() >= 1, "{r:#}");
+        assert!(["AVX2", "SSE2", "NEON"].contains(&m["simd"].as_str().unwrap()), "{r:#}");
+        assert!(m["kernel"].as_str().unwrap().starts_with("Linux "), "{r:#}");
+        assert_eq!(r["build"]["version"], env!("CARGO_PKG_VERSION"));
+        assert!(!r["build"]["git_commit"].as_str().unwrap().is_empty());
+        let started = r["started_utc"].as_str().unwrap();
+        assert!(started.len() == 20 && started.ends_with('Z') && started.as_bytes()[10] == b'T', "{started}");
+        assert!(r["load_before"].as_f64().unwrap() >= 0.0);
+        let wl = &r["workload"];
+        assert_eq!(
+            (wl["width"].as_u64(), wl["height"].as_u64(), wl["crops"].as_u64()),
+            (Some(800), Some(600), Some(CROPS as u64))
+        );
+        assert_eq!(
+            (wl["subsampling"].as_str(), wl["process"].as_str(), wl["quality"].as_u64()),
+            (Some("4:2:0"), Some("baseline"), Some(85))
+        );
+        assert_eq!(wl["bytes"].as_u64(), Some(std::fs::metadata(&w.image).unwrap().len()));
+        assert!(r["queue_uri"].as_str().unwrap().starts_with("spool:"), "{r:#}");
+        let l = &r["limit"];
+        let (before, after) = (l["floor_before_ms"].as_f64().unwrap(), l["floor_after_ms"].as_f64().unwrap());
+        let cores = r["cores"].as_f64().unwrap();
+        assert!(before > 0.0 && after > 0.0, "{l:#}");
+        let limit = l["limit_tasks_per_s"].as_f64().unwrap();
+        assert!((limit - cores * 2000.0 / (before + after)).abs() < 1e-6 * limit, "{l:#}");
+        let pct = r["tasks_per_s"].as_f64().unwrap() / limit * 100.0;
+        assert!((l["pct_of_limit"].as_f64().unwrap() - pct).abs() < 1e-6 * pct, "{l:#}");
+        assert!(r["outside_tasks_per_s"].as_f64().unwrap() > 0.0, "{r:#}");
+    }
+    assert!(
+        stdout.contains("% limit")
+            && stdout.contains("machine: ")
+            && stdout.contains("workload: 800x600 jpeg baseline 4:2:0"),
+        "{stdout}"
+    );
+    let header = csv.lines().next().unwrap();
+    for col in ["pct_of_limit", "limit_tasks_per_s", "started_utc", "cpu_model", "git_commit", "simd", "subsampling"] {
+        assert!(header.split(',').any(|c| c == col), "{col} missing from {header}");
+    }
+}
+
+#[test]
+fn sweep_takes_lists_of_prefetch_and_upload_concurrency_and_report_names_other_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = workload(dir.path(), 4);
+    let out = dir.path().join("sweep");
+    let grid_args = ["--processes", "1", "--threads", "1", "--prefetch", "1,4", "--upload-concurrency", "2,8"];
+    let o = sweep(&w, dir.path(), &out, &grid_args, &["--tasks", "2", "--floor-secs", "0"]);
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).unwrap()).unwrap();
+    let grid: Vec<(u64, u64)> =
+        runs.iter().map(|r| (r["prefetch"].as_u64().unwrap(), r["upload_concurrency"].as_u64().unwrap())).collect();
+    assert_eq!(grid, [(1, 2), (4, 2), (1, 8), (4, 8)]);
+    // --floor-secs 0: no limit, shown as "-".
+    assert!(runs.iter().all(|r| r["limit"]["limit_tasks_per_s"] == 0.0));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains(" pf ") && stdout.contains(" upc "), "{stdout}");
+    // The same runs as if from another machine: report says so.
+    let mut other = runs.clone();
+    for r in &mut other {
+        r["machine"]["cpu_model"] = "Another CPU".into();
+        r["label"] = "other".into();
+    }
+    let other_file = dir.path().join("other.json");
+    std::fs::write(&other_file, serde_json::to_string(&other).unwrap()).unwrap();
+    let rep = dir.path().join("report");
+    let o = run_ok(
+        "cropfleet-aggregator",
+        &[
+            "report",
+            &out.join("runs.json").display().to_string(),
+            &other_file.display().to_string(),
+            "--out",
+            &rep.display().to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("runs from 2 different machines"), "{stdout}");
+    let svg = std::fs::read_to_string(rep.join("throughput.svg")).unwrap();
+    assert!(
+        svg.contains("runs from 2 different machines") && svg.contains("spool, other"),
+        "title and note in the picture"
+    );
 }
 
 #[test]

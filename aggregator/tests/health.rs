@@ -73,10 +73,10 @@ fn metrics_count_what_was_processed_and_readiness_drops_while_draining() {
         "cropfleet-producer",
         &["--queue", &f.tasks, "--image", &img, "--crops", &crops, "--output", &out, "--repeat", "7"],
     );
-    // One poison message as well.
+    // One poison message as well (past the producer's own check, which would refuse it).
     run_ok(
         "cropfleet-producer",
-        &["--queue", &f.tasks, "--image", "/missing.jpg", "--crops", &crops, "--output", &out],
+        &["--queue", &f.tasks, "--image", "/missing.jpg", "--crops", &crops, "--output", &out, "--no-check"],
     );
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");

@@ -169,11 +169,22 @@ fn measure_latency_hiding() {
         runs.push((delay, recs));
     }
     println!("\nstorage latency added per request: 0 vs {ms} ms ({tasks} tasks per configuration)");
-    println!("{:>5} {:>4} {:>9} {:>9} {:>7}", "proc", "thr", "0ms t/s", format!("{ms}ms t/s"), "ratio");
+    println!(
+        "{:>5} {:>4} {:>4} {:>5} {:>9} {:>9} {:>7}",
+        "proc",
+        "thr",
+        "pf",
+        "upc",
+        "0ms t/s",
+        format!("{ms}ms t/s"),
+        "ratio"
+    );
     let best = |recs: &[serde_json::Value]| recs.iter().map(|r| r["tasks_per_s"].as_f64().unwrap()).fold(0.0, f64::max);
     for (a, b) in runs[0].1.iter().zip(&runs[1].1) {
         let (x, y) = (a["tasks_per_s"].as_f64().unwrap(), b["tasks_per_s"].as_f64().unwrap());
-        println!("{:>5} {:>4} {:>9.2} {:>9.2} {:>6.0}%", a["processes"], a["threads"], x, y, 100.0 * y / x);
+        let n = |k: &str| a[k].as_u64().unwrap_or(0);
+        let (p, t, f, u) = (n("processes"), n("threads"), n("prefetch"), n("upload_concurrency"));
+        println!("{p:>5} {t:>4} {f:>4} {u:>5} {x:>9.2} {y:>9.2} {:>6.0}%", 100.0 * y / x);
     }
     let (b0, b1) = (best(&runs[0].1), best(&runs[1].1));
     println!("best: {b0:.2} vs {b1:.2} tasks/s = {:.0}% with {ms} ms added", 100.0 * b1 / b0);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cropfleet::logging::{self, LogFormat};
+use cropfleet::precheck::{Checker, Limits};
 use cropfleet::produce::{self, Template};
 use cropfleet::queue::{self, Queue};
 use cropfleet::secret::redact;
@@ -82,6 +83,17 @@ struct Enqueue {
     /// Run id stamped on every task [default: run-{unix_ms}].
     #[arg(long, env = "CROPFLEET_RUN_ID")]
     run_id: Option<String>,
+    /// Skip the checks before enqueueing (local image exists and is a supported image within
+    /// --max-pixels, crop list parses and fits it, local paths made absolute): for local paths
+    /// that exist only where the workers run.
+    #[arg(long, env = "CROPFLEET_NO_CHECK")]
+    no_check: bool,
+    /// Largest source the check accepts (width x height); keep it equal to the workers'.
+    #[arg(long, env = "CROPFLEET_MAX_PIXELS", default_value_t = cropfleet::engine::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Most crops per task the check accepts; keep it equal to the workers'.
+    #[arg(long, env = "CROPFLEET_MAX_CROPS", default_value_t = cropfleet::crops::DEFAULT_MAX_CROPS)]
+    max_crops: usize,
     /// Messages published per confirmed batch.
     #[arg(long, env = "CROPFLEET_BATCH", default_value_t = 256)]
     batch: usize,
@@ -130,17 +142,22 @@ async fn dead_letters(queue_uri: &str, max: usize, json: bool) -> anyhow::Result
 async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
     let run_id = a.run_id.clone().unwrap_or_else(produce::new_run_id);
     cropfleet::task::validate_id(&run_id).context("--run-id")?;
+    let mut checker = (!a.no_check).then(|| Checker::new(Limits { max_pixels: a.max_pixels, max_crops: a.max_crops }));
     let tasks: Vec<Vec<u8>> = match &a.manifest {
         Some(path) if a.raw => read_lines(path)?.into_iter().map(|(_, l)| l.into_bytes()).collect(),
-        Some(path) => read_manifest(path, &run_id)?,
+        Some(path) => read_manifest(path, &run_id, checker.as_mut())?,
         None => {
-            let t = Template {
+            let mut t = Template {
                 image: a.image.clone().expect("required by clap"),
                 crops: produce::crops_spec(a.crops.as_deref().expect("required by clap")).context("--crops")?,
                 output: a.output.clone().expect("required by clap"),
                 quality: a.quality,
                 crop_mode: a.crop_mode,
             };
+            if let Some(c) = checker.as_mut() {
+                let ok = c.check(&t.image, &t.crops, &t.output).context(CHECK_HINT)?;
+                (t.image, t.crops, t.output) = (ok.image, ok.crops, ok.output);
+            }
             (0..a.repeat)
                 .map(|i| {
                     let task = produce::task_from_template(&t, &run_id, i);
@@ -160,11 +177,23 @@ async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_manifest(path: &str, run_id: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_lines(path)?
-        .into_iter()
-        .map(|(lineno, line)| Ok(produce::task_from_manifest_line(&line, run_id, lineno)?.to_json()))
-        .collect()
+/// Context of a failed check: how to get past it when the workers see what the producer cannot.
+const CHECK_HINT: &str = "checking the task before enqueueing (nothing was enqueued; --no-check skips the check)";
+
+fn read_manifest(path: &str, run_id: &str, mut checker: Option<&mut Checker>) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for (lineno, line) in read_lines(path)? {
+        let mut task = produce::task_from_manifest_line(&line, run_id, lineno)?;
+        if let Some(c) = checker.as_deref_mut() {
+            let ok = c
+                .check(&task.image, &task.crops, &task.output)
+                .with_context(|| format!("manifest line {lineno}"))
+                .context(CHECK_HINT)?;
+            (task.image, task.crops, task.output) = (ok.image, ok.crops, ok.output);
+        }
+        out.push(task.to_json());
+    }
+    Ok(out)
 }
 
 /// The manifest's lines with their 1-based numbers, without blank and `#` lines.

@@ -1,5 +1,6 @@
 //! The engine on the 12 MP sample (50 crops, quality 85, 4:2:0), one thread:
-//! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit;
+//! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit, the same
+//!   code the sweep's limit measurement runs (`cropfleet::floor`);
 //! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task (`task_1_thread`: decode, then
 //!   `encode_all`; `job_1_thread`: the same through `engine::run_job`, the function the worker
 //!   schedules, with its header and box checks);
@@ -11,8 +12,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use cropfleet::floor::RawCodec;
 use cropfleet::{engine, sample};
-use turbojpeg::{Compressor, Decompressor, Image, PixelFormat, Subsamp};
+use turbojpeg::PixelFormat;
 
 fn workload() -> (Vec<u8>, Vec<cropfleet::CropBox>) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cropfleet-bench-workload");
@@ -34,41 +36,13 @@ fn benches(c: &mut Criterion) {
         boxes.len()
     );
 
+    // The floor as the sweep measures it (cropfleet::floor::RawCodec): raw libjpeg-turbo,
+    // reused handles and buffers, nothing else.
     let mut g = c.benchmark_group("floor");
     g.sample_size(20).measurement_time(Duration::from_secs(6));
-    let mut dec = Decompressor::new().unwrap();
-    let mut pixels = vec![0u8; w * h * 3];
-    g.bench_function("decode", |b| {
-        b.iter(|| {
-            dec.decompress(
-                &jpeg,
-                Image { pixels: &mut pixels[..], width: w, pitch: w * 3, height: h, format: PixelFormat::RGB },
-            )
-            .unwrap()
-        })
-    });
-    let mut comp = Compressor::new().unwrap();
-    comp.set_quality(85).unwrap();
-    comp.set_subsamp(Subsamp::Sub2x2).unwrap();
-    let mut out = vec![0u8; comp.buf_len(600, 600).unwrap()];
-    g.bench_function("encode_50", |b| {
-        b.iter(|| {
-            let mut total = 0;
-            for bx in &boxes {
-                let start = (bx.y as usize * w + bx.x as usize) * 3;
-                let end = start + (bx.h as usize - 1) * w * 3 + bx.w as usize * 3;
-                let img = Image {
-                    pixels: &pixels[start..end],
-                    width: bx.w as usize,
-                    pitch: w * 3,
-                    height: bx.h as usize,
-                    format: PixelFormat::RGB,
-                };
-                total += comp.compress_to_slice(img, &mut out).unwrap();
-            }
-            black_box(total)
-        })
-    });
+    let mut raw = RawCodec::new(85).unwrap();
+    g.bench_function("decode", |b| b.iter(|| raw.decode(&jpeg).unwrap()));
+    g.bench_function("encode_50", |b| b.iter(|| black_box(raw.encode_crops(&boxes).unwrap())));
     g.finish();
 
     let mut g = c.benchmark_group("engine");

@@ -207,19 +207,21 @@ fn imperfect_edges(op: sys::TJXOP, right_whole: bool, bottom_whole: bool) -> &'s
 /// What the frame header (SOFn) says; read here because TurboJPEG does not expose sampling
 /// factors, and does not reset its header fields for a tables-only stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Frame {
-    width: u32,
-    height: u32,
-    components: u8,
+pub(crate) struct Frame {
+    /// The SOFn marker's second byte: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, …
+    pub(crate) marker: u8,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) components: u8,
     /// Largest horizontal and vertical sampling factors.
-    hmax: u8,
-    vmax: u8,
+    pub(crate) hmax: u8,
+    pub(crate) vmax: u8,
 }
 
 /// The frame header, or `None` when no well-formed SOF marker precedes the first scan.
-fn frame_header(jpeg: &[u8]) -> Option<Frame> {
+pub(crate) fn frame_header(jpeg: &[u8]) -> Option<Frame> {
     let is_sof = |m: u8| (0xC0..=0xCF).contains(&m) && !matches!(m, 0xC4 | 0xC8 | 0xCC);
-    let (_, seg) = exif::header_segments(jpeg).find(|(marker, _)| is_sof(*marker))?;
+    let (marker, seg) = exif::header_segments(jpeg).find(|(marker, _)| is_sof(*marker))?;
     // precision, height(2), width(2), count, then (id, h<<4|v, table) per component.
     let be16 = |o: usize| seg.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u32);
     let (height, width, count) = (be16(1)?, be16(3)?, *seg.get(5)?);
@@ -229,7 +231,7 @@ fn frame_header(jpeg: &[u8]) -> Option<Frame> {
         h = h.max(c[1] >> 4);
         v = v.max(c[1] & 0x0F);
     }
-    Some(Frame { width, height, components: count, hmax: h, vmax: v })
+    Some(Frame { marker, width, height, components: count, hmax: h, vmax: v })
 }
 
 fn plan(h: &mut Handle, jpeg: &[u8]) -> Result<Plan, String> {
@@ -543,7 +545,7 @@ mod tests {
     fn frame_header_sampling() {
         // SOI, SOF0 (8-bit, 16x16, 3 components: Y 2x2, Cb 1x1, Cr 1x1), SOS.
         let jpeg = [0xFF, 0xD8, 0xFF, 0xC0, 0, 17, 8, 0, 16, 0, 16, 3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1, 0xFF, 0xDA];
-        let want = Frame { width: 16, height: 16, components: 3, hmax: 2, vmax: 2 };
+        let want = Frame { marker: 0xC0, width: 16, height: 16, components: 3, hmax: 2, vmax: 2 };
         assert_eq!(frame_header(&jpeg), Some(want));
         assert_eq!(frame_header(&jpeg[..10]), None);
         assert_eq!(frame_header(b"not a jpeg"), None);

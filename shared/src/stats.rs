@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::floor::Limit;
+use crate::provenance::{self, Build, Machine, Workload};
 use crate::task::ResultEvent;
 
 /// p50/p95/p99 of one stage, milliseconds.
@@ -38,8 +40,10 @@ pub struct StageStats {
     pub total: Percentiles,
 }
 
-/// One row of the throughput table: one fleet configuration on one workload.
+/// One row of the throughput table: one fleet configuration on one workload. Fields added after
+/// the first release default when absent, so older `runs.json` files still load.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunRecord {
     /// Free-form label (e.g. `spool`, `rabbitmq`, `lossless`).
     pub label: String,
@@ -69,6 +73,25 @@ pub struct RunRecord {
     pub tasks_per_s_per_core: f64,
     /// Peak RSS of the largest worker, MiB (0 when not measured).
     pub peak_rss_mib: f64,
+    /// When the configuration started, UTC, ISO 8601 (`2026-05-01T12:34:56Z`).
+    pub started_utc: String,
+    /// 1-minute load average just before the configuration started (-1 when unknown).
+    pub load_before: f64,
+    /// The machine that ran the sweep (and, with the local launcher, the fleet).
+    pub machine: Machine,
+    /// The build of the sweep.
+    pub build: Build,
+    /// The source image and crop list every task of the run repeats.
+    pub workload: Workload,
+    /// The task queue, credentials removed.
+    pub queue_uri: String,
+    /// Where the crops went (output prefix), credentials removed.
+    pub storage_uri: String,
+    /// This machine's codec limit for the run's crop mode and the run's place against it.
+    pub limit: Limit,
+    /// tasks/s by an outside clock: tasks ÷ the span from the first to the last crop file
+    /// written, read from the files' modification times (local outputs; 0 when not measured).
+    pub outside_tasks_per_s: f64,
 }
 
 /// Collects result events of one run, counting each task once.
@@ -110,6 +133,11 @@ impl RunCollector {
         } else {
             0.0
         }
+    }
+
+    /// When the earliest task started (Unix ms; 0 when empty).
+    pub fn started_ms(&self) -> u64 {
+        self.span().0
     }
 
     fn span(&self) -> (u64, u64) {
@@ -164,7 +192,10 @@ impl RunCollector {
 
 /// The CSV header; the first seven columns are a contract other tools rely on.
 pub const CSV_HEADER: &str = "processes,threads,tasks,crops,wall_s,tasks_per_s,crops_per_s,label,backend,storage,mode,upload_concurrency,prefetch,duplicates,bytes,\
-download_p50_ms,decode_p50_ms,crop_encode_p50_ms,upload_p50_ms,total_p50_ms,total_p95_ms,total_p99_ms,queue_wait_p50_ms,cpu_s_per_task,tasks_per_s_per_core,cores,peak_rss_mib";
+download_p50_ms,decode_p50_ms,crop_encode_p50_ms,upload_p50_ms,total_p50_ms,total_p95_ms,total_p99_ms,queue_wait_p50_ms,cpu_s_per_task,tasks_per_s_per_core,cores,peak_rss_mib,\
+pct_of_limit,limit_tasks_per_s,floor_before_ms,floor_after_ms,floor_drift_pct,floor_before_wall_ms,floor_after_wall_ms,outside_tasks_per_s,started_utc,load_before,\
+cpu_model,machine_cores,simd,kernel,version,git_commit,image,image_width,image_height,image_bytes,subsampling,jpeg_process,\
+crops_per_task,quality,queue_uri,storage_uri";
 
 /// Render records as CSV (header + one row each).
 pub fn to_csv(records: &[RunRecord]) -> String {
@@ -177,6 +208,37 @@ pub fn to_csv(records: &[RunRecord]) -> String {
             r.processes, r.threads, r.tasks, r.crops, r.wall_s, r.tasks_per_s, r.crops_per_s, csv_field(&r.label), r.backend, r.storage, r.mode,
             r.upload_concurrency, r.prefetch, r.duplicates, r.bytes, st.download.p50, st.decode.p50, st.crop_encode.p50, st.upload.p50,
             st.total.p50, st.total.p95, st.total.p99, st.queue_wait.p50, r.cpu_s_per_task, r.tasks_per_s_per_core, r.cores, r.peak_rss_mib
+        ));
+        s.pop();
+        let (l, m, b, w) = (&r.limit, &r.machine, &r.build, &r.workload);
+        s.push_str(&format!(
+            ",{:.1},{:.2},{:.2},{:.2},{:.1},{:.2},{:.2},{:.2},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            l.pct_of_limit,
+            l.limit_tasks_per_s,
+            l.floor_before_ms,
+            l.floor_after_ms,
+            l.floor_drift_pct,
+            l.floor_before_wall_ms,
+            l.floor_after_wall_ms,
+            r.outside_tasks_per_s,
+            r.started_utc,
+            r.load_before,
+            csv_field(&m.cpu_model),
+            m.cores,
+            m.simd,
+            csv_field(&m.kernel),
+            b.version,
+            b.git_commit,
+            csv_field(&w.image),
+            w.width,
+            w.height,
+            w.bytes,
+            w.subsampling,
+            w.process,
+            w.crops,
+            w.quality,
+            csv_field(&r.queue_uri),
+            csv_field(&r.storage_uri)
         ));
     }
     s
@@ -205,17 +267,34 @@ pub fn cheapest_near_best(records: &[RunRecord]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// A fixed-width text table for terminals; the cheapest run near the best is marked `*`.
+/// Which grid axes besides processes × threads vary across `records`: (prefetch, upload
+/// concurrency). The table and the picture show an axis only when it varies.
+pub fn extra_axes(records: &[RunRecord]) -> (bool, bool) {
+    let varies = |f: fn(&RunRecord) -> u32| records.iter().any(|r| f(r) != f(&records[0]));
+    if records.is_empty() {
+        return (false, false);
+    }
+    (varies(|r| r.prefetch), varies(|r| r.upload_concurrency))
+}
+
+/// A fixed-width text table for terminals; the cheapest run near the best is marked `*`, a run
+/// whose machine drifted (floors before and after the grid more than 10% apart) `!`.
 pub fn to_table(records: &[RunRecord]) -> String {
     let mark = cheapest_near_best(records);
+    let (pf, upc) = extra_axes(records);
+    let opt = |on: bool, v: String| if on { v } else { String::new() };
     let mut s = format!(
-        "  {:<16} {:>4} {:>4} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
+        "  {:<16} {:>4} {:>4}{}{} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}\n",
         "label",
         "proc",
         "thr",
+        opt(pf, format!(" {:>4}", "pf")),
+        opt(upc, format!(" {:>4}", "upc")),
         "tasks",
         "wall_s",
         "tasks/s",
+        "% limit",
+        "load",
         "crops/s",
         "dec p50",
         "enc p50",
@@ -225,12 +304,24 @@ pub fn to_table(records: &[RunRecord]) -> String {
         "t/s/core",
         "rss MiB"
     );
+    let mut drifted = false;
     for (i, r) in records.iter().enumerate() {
         let st = &r.stages_ms;
+        let pct = if r.limit.measured() {
+            drifted |= r.limit.drifted();
+            format!("{:.1}%{}", r.limit.pct_of_limit, if r.limit.drifted() { "!" } else { "" })
+        } else {
+            "-".into()
+        };
+        // Unknown in records without provenance (before it was recorded, or `collect`).
+        let load =
+            if r.started_utc.is_empty() || r.load_before < 0.0 { "-".into() } else { format!("{:.1}", r.load_before) };
         s.push_str(&format!(
-            "{} {:<16} {:>4} {:>4} {:>6} {:>8.2} {:>8.2} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2} {:>8}\n",
+            "{} {:<16} {:>4} {:>4}{}{} {:>6} {:>8.2} {:>8.2} {:>8} {:>5} {:>9.0} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.4} {:>9.2} {:>8}\n",
             if Some(i) == mark { "*" } else { " " },
-            truncate(&r.label, 16), r.processes, r.threads, r.tasks, r.wall_s, r.tasks_per_s, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
+            truncate(&r.label, 16), r.processes, r.threads,
+            opt(pf, format!(" {:>4}", r.prefetch)), opt(upc, format!(" {:>4}", r.upload_concurrency)),
+            r.tasks, r.wall_s, r.tasks_per_s, pct, load, r.crops_per_s, st.decode.p50, st.crop_encode.p50,
             st.upload.p50, st.total.p95, r.cpu_s_per_task, r.tasks_per_s_per_core,
             // 0 = not measured (e.g. an external fleet).
             if r.peak_rss_mib > 0.0 { format!("{:.0}", r.peak_rss_mib) } else { "-".into() }
@@ -239,7 +330,76 @@ pub fn to_table(records: &[RunRecord]) -> String {
     if mark.is_some() {
         s.push_str("* cheapest configuration (fewest processes x threads) within 90% of the best tasks/s\n");
     }
+    if records.iter().any(|r| r.limit.measured()) {
+        s.push_str(
+            "% limit: tasks/s against this machine's codec limit (cores / single-thread CPU floor, see above); \
+             load: 1-minute load average before the run\n",
+        );
+    }
+    if drifted {
+        s.push_str(&format!(
+            "! the machine drifted: its floors before and after the grid differ by more than {:.0}%\n",
+            crate::floor::DRIFT_FLAG_PCT
+        ));
+    }
     s
+}
+
+/// Where the records come from, one line per distinct machine, build, workload and limit:
+/// printed above the table.
+pub fn describe(records: &[RunRecord]) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut push = |line: String| {
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    };
+    let machines = provenance::distinct_machines(records.iter().map(|r| &r.machine));
+    if machines.len() > 1 {
+        push(format!("runs from {} different machines:", machines.len()));
+    }
+    for r in records {
+        if r.machine.cpu_model.is_empty() {
+            continue;
+        }
+        push(format!(
+            "machine: {}; cropfleet {} ({})",
+            r.machine.describe(),
+            r.build.version,
+            short_commit(&r.build.git_commit)
+        ));
+    }
+    for r in records.iter().filter(|r| r.workload.crops > 0) {
+        push(format!("workload: {}", r.workload.describe_line()));
+    }
+    for r in records.iter().filter(|r| r.limit.measured()) {
+        let l = &r.limit;
+        push(format!(
+            "limit ({}): {:.1} tasks/s = {} cores / {:.1} ms CPU per task ({}; floor {:.1} ms before, {:.1} ms after \
+             the grid, {:.1}% apart{}; wall {:.1} / {:.1} ms)",
+            r.mode,
+            l.limit_tasks_per_s,
+            r.cores,
+            (l.floor_before_ms + l.floor_after_ms) / 2.0,
+            l.method,
+            l.floor_before_ms,
+            l.floor_after_ms,
+            l.floor_drift_pct,
+            if l.drifted() { ": DRIFTED" } else { "" },
+            l.floor_before_wall_ms,
+            l.floor_after_wall_ms,
+        ));
+    }
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// The first 12 characters of a commit hash (`unknown` stays).
+pub fn short_commit(c: &str) -> &str {
+    if c.is_empty() {
+        "unknown"
+    } else {
+        c.get(..12).unwrap_or(c)
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
