@@ -423,13 +423,16 @@ fn chaos(backend: Backend, store: Store) {
     // fault strikes once a third of the current wave is done, then the next wave goes out, so
     // every fault hits a fleet with work in hand however fast it runs. Poison is spread evenly.
     let waves_n = plan.len() + 1;
-    let per_wave = n.div_ceil(waves_n).max(1);
+    assert!(n >= waves_n, "{n} tasks cannot fill {waves_n} waves");
+    // Sizes that differ by one at most, so no wave is empty (30 tasks in waves of 5 left the
+    // seventh of 7 empty, and the last fault struck an idle fleet).
+    let wave_size = |k: usize| n / waves_n + usize::from(k < n % waves_n);
     let every = (n / m).max(1);
     let mut pi = poison.iter();
     let mut waves: Vec<(usize, Vec<Vec<u8>>)> = vec![(0, Vec::new())];
     let mut payloads: Vec<Vec<u8>> = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        if waves.last().unwrap().0 == per_wave {
+        if waves.last().unwrap().0 == wave_size(waves.len() - 1) {
             waves.push((0, Vec::new()));
         }
         let wave = waves.last_mut().unwrap();
