@@ -41,6 +41,10 @@ RUN mkdir -p shared/src worker/src producer/src aggregator/src \
  && cargo build --release --locked --bins \
  && rm -rf shared/src worker/src producer/src aggregator/src ./*/benches
 
+# The commit the image is built from, for the provenance of run records (no .git in the build
+# context): `--build-arg CROPFLEET_GIT_COMMIT=$(git rev-parse HEAD)`; docker-compose.yml passes
+# it from the environment. Declared after the dependency layer so it never invalidates it.
+ARG CROPFLEET_GIT_COMMIT=unknown
 # The sources; touched so cargo never mistakes them for the stubs built above.
 COPY shared/ shared/
 COPY worker/ worker/

@@ -62,7 +62,7 @@ log "engine, Compose and base images ready ($(elapsed "$t"))"
 if ((build)); then
   t=$SECONDS
   log "building $CROPFLEET_IMAGE_TAG from the Dockerfile (docker compose build)"
-  docker compose -f docker-compose.yml build worker
+  CROPFLEET_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown) docker compose -f docker-compose.yml build worker
   log "image built ($(elapsed "$t"))"
 fi
 docker image inspect "$CROPFLEET_IMAGE_TAG" >/dev/null 2>&1 ||

@@ -139,7 +139,7 @@ if [ "$target" = compose ]; then
     mkdir -p "$FLEET_DATA"
     scripts/docker-engine.sh
     if ((build)); then
-      "${dc[@]}" build worker
+      CROPFLEET_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown) "${dc[@]}" build worker
     else
       docker image inspect "${CROPFLEET_IMAGE_TAG:-cropfleet:dev}" >/dev/null ||
         die "--no-build: no image ${CROPFLEET_IMAGE_TAG:-cropfleet:dev} (build it, or docker load it)"
