@@ -22,7 +22,8 @@
 //!   vanished volume (a dangling path) for a few seconds, so writes fail the way they do when a
 //!   mount goes away; Cloud Storage — the workers reach the emulator through a fault proxy that
 //!   is cut (connections reset) for a few seconds;
-//! - broker restart: RabbitMQ — `rabbitmqctl stop_app` / `start_app` (holding the broker lock
+//! - broker restart: RabbitMQ over TLS (`rabbitmq_tls_local`) — the same on its own TLS node;
+//!   RabbitMQ — `rabbitmqctl stop_app` / `start_app` (holding the broker lock
 //!   exclusively for just that); spool — none (there is no broker: "n/a"); Pub/Sub — the
 //!   emulator keeps everything in memory, so a real restart would lose every topic and message:
 //!   it is simulated as a connection outage through the proxy the workers use.
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use common::poison::{self, Poison, PoisonInputs};
 use common::proxy::Proxy;
+use common::tls_broker::TlsBroker;
 use common::*;
 use cropfleet::gcp;
 use cropfleet::queue::amqp::Amqp;
@@ -67,6 +69,7 @@ const OUTAGE: Duration = Duration::from_secs(3);
 enum Backend {
     Spool,
     Rabbit,
+    RabbitTls,
     PubSub,
 }
 
@@ -94,6 +97,13 @@ fn rabbitmq_local() {
 #[test]
 fn rabbitmq_gcs() {
     chaos(Backend::Rabbit, Store::Gcs);
+}
+
+/// RabbitMQ over `amqps://` (a TLS-only node that requires a client certificate, see
+/// `common/tls_broker.rs`): the broker restart is that node's `stop_app`/`start_app`.
+#[test]
+fn rabbitmq_tls_local() {
+    chaos(Backend::RabbitTls, Store::Local);
 }
 
 #[test]
@@ -264,7 +274,8 @@ impl Drop for Cleanup {
                     match self.0 {
                         Backend::Rabbit => drop(Amqp::from_uri(u).unwrap().delete_topology().await),
                         Backend::PubSub => drop(PubSub::from_uri(u).unwrap().delete_all().await),
-                        Backend::Spool => {}
+                        // The TLS node and everything on it go away with the test.
+                        Backend::Spool | Backend::RabbitTls => {}
                     }
                 })
                 .await;
@@ -303,6 +314,7 @@ fn chaos(backend: Backend, store: Store) {
         match backend {
             Backend::Spool => "spool",
             Backend::Rabbit => "rabbitmq",
+            Backend::RabbitTls => "rabbitmq-tls",
             Backend::PubSub => "pubsub",
         },
         match store {
@@ -311,6 +323,8 @@ fn chaos(backend: Backend, store: Store) {
         }
     );
     let t0 = Instant::now();
+    // First declared, last dropped: the TLS node outlives every client of it.
+    let tls_broker = (backend == Backend::RabbitTls).then(TlsBroker::start);
     let worker_bin = bin("cropfleet-worker");
     eprintln!("{label}: binaries ready after {:.1} s ({})", t0.elapsed().as_secs_f64(), worker_bin.display());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -369,6 +383,10 @@ fn chaos(backend: Backend, store: Store) {
             amqp_uri(&format!("chaos-{}", label.replace('/', "-"))),
             amqp_uri(&format!("chaos-{}-results", label.replace('/', "-"))),
         ),
+        Backend::RabbitTls => {
+            let b = tls_broker.as_ref().unwrap();
+            (b.uri("chaos-tls", ""), b.uri("chaos-tls-results", ""))
+        }
         Backend::PubSub => {
             let host = emulator_var(gcp::PUBSUB_EMULATOR_HOST);
             let p = Proxy::start_to(&host);
@@ -562,6 +580,12 @@ fn chaos(backend: Backend, store: Store) {
                             ctl("start_app");
                             drop(lock);
                             shared_lock = Some(broker_lock(false));
+                        }
+                        Backend::RabbitTls => {
+                            let b = tls_broker.as_ref().unwrap();
+                            b.ctl(&["stop_app"]);
+                            std::thread::sleep(OUTAGE);
+                            b.ctl(&["start_app"]);
                         }
                         Backend::PubSub => {
                             let p = pubsub_proxy.as_ref().unwrap();

@@ -4,6 +4,7 @@
 
 pub mod poison;
 pub mod proxy;
+pub mod tls_broker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,4 +1,5 @@
-//! `amqp://user:pass@host:port/vhost?queue=NAME` — RabbitMQ through lapin.
+//! `amqp://user:pass@host:port/vhost?queue=NAME` — RabbitMQ through lapin; `amqps://` for TLS
+//! (see `tls.rs` for its parameters: `cacertfile`, `certfile`, `keyfile`, `server_name_indication`).
 //!
 //! # Topology
 //! Declared idempotently by [`Queue::setup`], by every publisher connection and by every consumer
@@ -89,6 +90,7 @@ use connection::{connect, fault, on_temp_channel, patiently, Fault};
 use consume::AmqpConsumer;
 use headers::dead_reason;
 use publish::{new_id, new_props, Outgoing, Publisher};
+pub use tls::TlsParams;
 use topology::{declare_retry, declare_topology};
 pub use topology::{retry_bucket, Names};
 pub use uri::{parse_uri, redact, uri_with_queue};
@@ -97,6 +99,7 @@ mod connection;
 mod consume;
 mod headers;
 mod publish;
+mod tls;
 mod topology;
 mod uri;
 

@@ -1,15 +1,16 @@
-//! Connections: opening one (with a timeout), and telling an error that a reconnect fixes (a
+//! Connections: opening one (with a timeout; over TLS for `amqps://`), and telling an error that a reconnect fixes (a
 //! lost connection or channel) from one it does not (credentials, a conflicting declaration).
 //! Every connection of this backend is opened by [`connect`].
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::LongString;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use lapin::uri::AMQPUri;
+use lapin::{AsyncTcpStream, Channel, Connection, ConnectionProperties, ErrorKind};
 
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{redact, CONNECT_TIMEOUT, PUBLISH_RECONNECT_BUDGET};
+use super::{redact, tls, CONNECT_TIMEOUT, PUBLISH_RECONNECT_BUDGET};
 use crate::queue::backoff::Backoff;
 use crate::queue::QueueError;
 
@@ -81,11 +82,23 @@ pub(super) fn explain(what: &str, e: &lapin::Error) -> QueueError {
     QueueError::Broker(format!("{what}: {e}"))
 }
 
-/// Connect with a timeout. Refused/reset/timeouts are `Lost` (retry); credentials and vhost
-/// problems are `Fatal`.
+/// Connect with a timeout, over TLS for `amqps://` (see `tls.rs`). Refused/reset/timeouts are
+/// `Lost` (retry); credentials, vhost and certificate problems are `Fatal`.
 pub(super) async fn connect(url: &str, name: &str) -> Result<Connection, Fault> {
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+    let shown = redact(url);
+    let (lapin_url, tls) =
+        tls::split(url).map_err(|reason| Fault::Fatal(QueueError::InvalidUri { uri: shown.clone(), reason }))?;
+    let attempt = async {
+        match tls {
+            None => Connection::connect(&lapin_url, props).await,
+            Some(params) => connect_tls(&lapin_url, &params, props).await.map_err(|e| match e {
+                TlsFailure::Setup(m) => lapin::Error::from(std::io::Error::other(TlsSetup(m))),
+                TlsFailure::Lapin(e) => e,
+            }),
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => match e.kind() {
             ErrorKind::ProtocolError(a)
@@ -94,15 +107,61 @@ pub(super) async fn connect(url: &str, name: &str) -> Result<Connection, Fault> 
                     AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
                 ) =>
             {
-                Err(Fault::Fatal(QueueError::Broker(format!("connecting to {}: {e}", redact(url)))))
+                Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {e}"))))
             }
             ErrorKind::AuthProviderError(_) | ErrorKind::InvalidProtocolVersion(_) => {
-                Err(Fault::Fatal(QueueError::Broker(format!("connecting to {}: {e}", redact(url)))))
+                Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {e}"))))
             }
-            _ => Err(Fault::Lost(format!("connecting to {}: {e}", redact(url)))),
+            ErrorKind::IOError(io) if io.get_ref().is_some_and(|r| r.is::<TlsSetup>()) => {
+                Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {io}"))))
+            }
+            ErrorKind::IOError(io) if url.starts_with("amqps://") => {
+                let host = lapin_url.parse::<AMQPUri>().map(|u| u.authority.host).unwrap_or_default();
+                match tls::explain_io(&host, io) {
+                    (m, true) => Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {m}")))),
+                    (m, false) => Err(Fault::Lost(format!("connecting to {shown}: {m}"))),
+                }
+            }
+            _ => Err(Fault::Lost(format!("connecting to {shown}: {e}"))),
         },
-        Err(_) => Err(Fault::Lost(format!("connecting to {}: timed out after {CONNECT_TIMEOUT:?}", redact(url)))),
+        Err(_) => Err(Fault::Lost(format!("connecting to {shown}: timed out after {CONNECT_TIMEOUT:?}"))),
     }
+}
+
+/// A TLS set-up problem on our side (a file missing or malformed): permanent.
+#[derive(Debug)]
+struct TlsSetup(String);
+impl std::fmt::Display for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for TlsSetup {}
+
+enum TlsFailure {
+    Setup(String),
+    Lapin(lapin::Error),
+}
+
+/// TCP to the URI's host, then a rustls handshake verifying the certificate for
+/// `server_name_indication` (default: the host), then AMQP on top. lapin's own amqps path
+/// always verifies for the host, hence this connector.
+async fn connect_tls(
+    url: &str,
+    params: &tls::TlsParams,
+    props: ConnectionProperties,
+) -> Result<Connection, TlsFailure> {
+    let config = params.load().map_err(TlsFailure::Setup)?;
+    let uri = url.parse::<AMQPUri>().map_err(|e| TlsFailure::Setup(format!("broker URL: {e}")))?;
+    let name = params.server_name_indication.clone().unwrap_or_else(|| uri.authority.host.clone());
+    let runtime = lapin::runtime::default_runtime().map_err(TlsFailure::Lapin)?;
+    let open = async move |uri: AMQPUri, rt: _| -> lapin::Result<_> {
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port)).await?.collect();
+        let stream = AsyncTcpStream::connect(&rt, addrs).await?;
+        Ok(stream.into_tls(&name, config.as_ref()).await?)
+    };
+    Connection::connector(uri, runtime, open, props).await.map_err(TlsFailure::Lapin)
 }
 
 /// Run `f` on a throwaway channel (a soft error closes the channel it happens on), then close it.

@@ -1,21 +1,19 @@
-//! The `amqp://` URI: the broker URL handed to lapin, the queue name, and the URI of a related
-//! queue. Errors and logs show URIs through [`redact`] only.
+//! The `amqp://` and `amqps://` URI: the broker URL handed to lapin, the queue name, and the URI
+//! of a related queue. TLS parameters are checked here and applied at connect (`tls.rs`). Errors
+//! and logs show URIs through [`redact`] only.
 
 use super::MAX_NAME;
 use crate::queue::QueueError;
 pub use crate::secret::redact;
 
-/// Split an `amqp://…?queue=NAME&…` URI into the broker URL handed to lapin (without `queue`,
-/// other query parameters such as `heartbeat` kept) and the queue name.
+/// Split an `amqp(s)://…?queue=NAME&…` URI into the broker URL (without `queue`, other query
+/// parameters such as `heartbeat` or `cacertfile` kept) and the queue name. For `amqps://` the
+/// TLS parameters (`cacertfile`, `certfile`, `keyfile`, `server_name_indication`, `verify`) are
+/// checked here; their files are read at connect.
 pub fn parse_uri(uri: &str) -> Result<(String, String), QueueError> {
     let bad = |reason: String| QueueError::InvalidUri { uri: redact(uri), reason };
-    if uri.starts_with("amqps://") {
-        return Err(bad("amqps:// (TLS) is not built in: lapin's TLS features pull in a C crypto build; \
-             use amqp:// (e.g. over a TLS-terminating sidecar) or enable lapin's `rustls` feature"
-            .into()));
-    }
-    if !uri.starts_with("amqp://") {
-        return Err(bad("expected amqp://user:pass@host:port/vhost?queue=NAME".into()));
+    if !uri.starts_with("amqp://") && !uri.starts_with("amqps://") {
+        return Err(bad("expected amqp://user:pass@host:port/vhost?queue=NAME or amqps://… (TLS)".into()));
     }
     let (base, query) = uri.split_once('?').unwrap_or((uri, ""));
     let mut queue: Option<String> = None;
@@ -47,7 +45,8 @@ pub fn parse_uri(uri: &str) -> Result<(String, String), QueueError> {
         return Err(bad("queue name contains control characters".into()));
     }
     let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
-    url.parse::<lapin::uri::AMQPUri>().map_err(|e| bad(format!("broker URL: {e}")))?;
+    let (lapin_url, _) = super::tls::split(&url).map_err(bad)?;
+    lapin_url.parse::<lapin::uri::AMQPUri>().map_err(|e| bad(format!("broker URL: {e}")))?;
     Ok((url, queue))
 }
 
@@ -68,7 +67,7 @@ pub fn uri_with_queue(uri: &str, queue: &str) -> Result<String, QueueError> {
     Ok(out)
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+pub(super) fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -104,7 +103,11 @@ mod tests {
         assert!(parse_uri("amqp://h/%2f?queue=a&queue=b").is_err());
         assert!(parse_uri("amqp://h/%2f?queue=amq.x").unwrap_err().to_string().contains("reserved"));
         assert!(parse_uri(&format!("amqp://h/%2f?queue={}", "x".repeat(201))).is_err());
-        assert!(parse_uri("amqps://h/%2f?queue=a").unwrap_err().to_string().contains("TLS"));
+        let (url, q) = parse_uri("amqps://u:p@h:5671/%2f?queue=a&cacertfile=/ca.pem").unwrap();
+        assert_eq!((url.as_str(), q.as_str()), ("amqps://u:p@h:5671/%2f?cacertfile=/ca.pem", "a"));
+        let e = parse_uri("amqp://u:secret@h/%2f?queue=a&cacertfile=/ca.pem").unwrap_err().to_string();
+        assert!(e.contains("use amqps://") && !e.contains("secret"), "{e}");
+        assert!(parse_uri("http://h/%2f?queue=a").unwrap_err().to_string().contains("amqps://"));
         assert!(parse_uri("amqp://h:notaport/%2f?queue=a").is_err());
         let u = uri_with_queue("amqp://u:p@h/%2f?queue=crops&heartbeat=5", "crops.p2t4 x").unwrap();
         assert_eq!(u, "amqp://u:p@h/%2f?heartbeat=5&queue=crops.p2t4%20x");
