@@ -89,6 +89,12 @@ pub(super) async fn connect(url: &str, name: &str) -> Result<Connection, Fault> 
     let shown = redact(url);
     let (lapin_url, tls) =
         tls::split(url).map_err(|reason| Fault::Fatal(QueueError::InvalidUri { uri: shown.clone(), reason }))?;
+    // The name the broker's certificate is verified for, for the error messages.
+    let tls_name = tls.as_ref().map(|p| {
+        p.server_name_indication
+            .clone()
+            .unwrap_or_else(|| lapin_url.parse::<AMQPUri>().map(|u| u.authority.host).unwrap_or_default())
+    });
     let attempt = async {
         match tls {
             None => Connection::connect(&lapin_url, props).await,
@@ -115,9 +121,8 @@ pub(super) async fn connect(url: &str, name: &str) -> Result<Connection, Fault> 
             ErrorKind::IOError(io) if io.get_ref().is_some_and(|r| r.is::<TlsSetup>()) => {
                 Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {io}"))))
             }
-            ErrorKind::IOError(io) if url.starts_with("amqps://") => {
-                let host = lapin_url.parse::<AMQPUri>().map(|u| u.authority.host).unwrap_or_default();
-                match tls::explain_io(&host, io) {
+            ErrorKind::IOError(io) if tls_name.is_some() => {
+                match tls::explain_io(tls_name.as_deref().unwrap_or_default(), io) {
                     (m, true) => Err(Fault::Fatal(QueueError::Broker(format!("connecting to {shown}: {m}")))),
                     (m, false) => Err(Fault::Lost(format!("connecting to {shown}: {m}"))),
                 }
