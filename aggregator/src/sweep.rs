@@ -17,7 +17,7 @@ use cropfleet::queue::{self, amqp, pubsub, ConsumerOptions, Queue, QueueUri};
 use cropfleet::secret::redact;
 use cropfleet::stats::{short_commit, RunCollector, RunRecord};
 use cropfleet::storage::{Location, Storage, StorageOptions, DEFAULT_MAX_SOURCE_BYTES};
-use cropfleet::task::{CropMode, ResultEvent};
+use cropfleet::task::{CropMode, PixelPath, ResultEvent};
 use cropfleet::CropBox;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -41,6 +41,10 @@ pub struct SweepArgs {
     /// Crop modes to run, each over the whole grid: decode, lossless (tasks carry the mode).
     #[arg(long, env = "CROPFLEET_CROP_MODES", value_delimiter = ',', default_value = "decode")]
     pub crop_modes: Vec<CropMode>,
+    /// Decode mode's pixel paths to run, each over the whole grid: planar, rgb (tasks carry the
+    /// path; runs are recorded as mode `decode` and `decode-rgb`).
+    #[arg(long, env = "CROPFLEET_PIXEL_PATHS", value_delimiter = ',', default_value = "planar")]
+    pub pixel_paths: Vec<PixelPath>,
     /// Size of the generated sample in megapixels (4:3; e.g. 50 for a memory check).
     #[arg(long, env = "CROPFLEET_SAMPLE_MP", default_value_t = 12)]
     pub sample_mp: u32,
@@ -99,6 +103,8 @@ struct Config {
     prefetch: u32,
     upload_concurrency: u32,
     mode: CropMode,
+    /// Decode mode's pixel path (ignored by lossless).
+    pixel: PixelPath,
     /// Whether the grid varies prefetch / upload concurrency (then the tag names them).
     axes: (bool, bool),
 }
@@ -113,10 +119,16 @@ impl Config {
         if self.axes.1 {
             t.push_str(&format!("u{}", self.upload_concurrency));
         }
-        if self.mode != CropMode::Decode {
-            t.push_str(&format!("-{}", self.mode));
+        if self.variant() != "decode" {
+            t.push_str(&format!("-{}", self.variant()));
         }
         t
+    }
+
+    /// The crop mode and pixel path as runs record them: `decode` (planar), `decode-rgb`,
+    /// `lossless`.
+    fn variant(&self) -> String {
+        variant(self.mode, self.pixel)
     }
 
     /// For the progress bar: `1 proc x 2 thr`, with the axes that vary.
@@ -132,16 +144,37 @@ impl Config {
     }
 }
 
-/// Every combination of the axes, crop mode outermost, threads innermost.
+/// How a run records its crop mode and pixel path: `decode` (planar), `decode-rgb`, `lossless`.
+fn variant(mode: CropMode, pixel: PixelPath) -> String {
+    match (mode, pixel) {
+        (CropMode::Decode, PixelPath::Rgb) => "decode-rgb".into(),
+        (mode, _) => mode.to_string(),
+    }
+}
+
+/// The (crop mode, pixel path) pairs of the sweep: each decode mode once per pixel path,
+/// lossless once.
+fn variants(a: &SweepArgs) -> Vec<(CropMode, PixelPath)> {
+    let mut v = Vec::new();
+    for &mode in &a.crop_modes {
+        match mode {
+            CropMode::Decode => v.extend(a.pixel_paths.iter().map(|&p| (mode, p))),
+            CropMode::Lossless => v.push((mode, PixelPath::Planar)),
+        }
+    }
+    v
+}
+
+/// Every combination of the axes, crop mode and pixel path outermost, threads innermost.
 fn grid(a: &SweepArgs) -> Vec<Config> {
     let axes = (a.prefetch.len() > 1, a.upload_concurrency.len() > 1);
     let mut configs = Vec::new();
-    for &mode in &a.crop_modes {
+    for (mode, pixel) in variants(a) {
         for &upload_concurrency in &a.upload_concurrency {
             for &prefetch in &a.prefetch {
                 for &processes in &a.processes {
                     for &threads in &a.threads {
-                        configs.push(Config { processes, threads, prefetch, upload_concurrency, mode, axes });
+                        configs.push(Config { processes, threads, prefetch, upload_concurrency, mode, pixel, axes });
                     }
                 }
             }
@@ -159,6 +192,9 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     }
     if a.crop_modes.is_empty() {
         bail!("--crop-modes needs at least one mode");
+    }
+    if a.pixel_paths.is_empty() {
+        bail!("--pixel-paths needs at least one path");
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let out = std::fs::canonicalize(&a.out)?;
@@ -242,14 +278,13 @@ pub async fn run(a: SweepArgs) -> anyhow::Result<()> {
     }
     let floors_after = floors(source.as_ref(), &a, "after the grid").await?;
     for r in &mut records {
-        let mode: CropMode = r.mode.parse().map_err(anyhow::Error::msg)?;
-        let of = |floors: &[(CropMode, FloorSample, String)]| floors.iter().find(|f| f.0 == mode).cloned();
+        let of = |floors: &[(String, FloorSample, String)]| floors.iter().find(|f| f.0 == r.mode).cloned();
         if let (Some((_, before, method)), Some((_, after, _))) = (of(&floors_before), of(&floors_after)) {
             r.limit = Limit::new(method, &before, &after, r.cores).with_rate(r.tasks_per_s);
         }
     }
-    for mode in &a.crop_modes {
-        if let Some(r) = records.iter().find(|r| r.mode == mode.to_string() && r.limit.drifted()) {
+    for mode in variants(&a).into_iter().map(|(m, p)| variant(m, p)) {
+        if let Some(r) = records.iter().find(|r| r.mode == mode && r.limit.drifted()) {
             eprintln!(
                 "sweep: WARNING: the {mode} floor moved {:.1}% between before and after the grid ({:.1} -> {:.1} ms): \
                  this machine's speed changed while the sweep ran; compare runs of this sweep with care",
@@ -283,15 +318,17 @@ async fn floors(
     source: Option<&(Vec<u8>, Vec<CropBox>)>,
     a: &SweepArgs,
     when: &str,
-) -> anyhow::Result<Vec<(CropMode, FloorSample, String)>> {
+) -> anyhow::Result<Vec<(String, FloorSample, String)>> {
     let mut out = Vec::new();
     let Some((bytes, boxes)) = source else { return Ok(out) };
-    for &mode in &a.crop_modes {
+    for (crop_mode, pixel) in variants(a) {
         let (bytes, boxes, quality) = (bytes.clone(), boxes.clone(), a.quality);
         let budget = Duration::from_secs_f64(a.floor_secs);
         // CPU work: on a blocking thread, one at a time, nothing else of ours running.
         let (sample, method) =
-            tokio::task::spawn_blocking(move || floor::measure(&bytes, &boxes, quality, mode, budget)).await??;
+            tokio::task::spawn_blocking(move || floor::measure(&bytes, &boxes, quality, crop_mode, pixel, budget))
+                .await??;
+        let mode = variant(crop_mode, pixel);
         eprintln!(
             "floor ({mode}, {when}): {:.1} ms CPU median of {} (min {:.1}, max {:.1}; wall {:.1} ms; {method})",
             sample.median_ms, sample.reps, sample.min_ms, sample.max_ms, sample.median_wall_ms
@@ -322,7 +359,7 @@ fn queues_for(base: Option<&str>, dir: &Path, tag: &str) -> anyhow::Result<(Stri
             let root = b.trim_start_matches("spool:").trim_start_matches("//");
             Ok((format!("spool:{root}/{tag}/tasks"), format!("spool:{root}/{tag}/results")))
         }
-        Some(b) if b.starts_with("amqp://") => {
+        Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => {
             let QueueUri::Amqp { queue, .. } = QueueUri::parse(b)? else { unreachable!("amqp:// parses as Amqp") };
             Ok((
                 amqp::uri_with_queue(b, &format!("{queue}.{tag}"))?,
@@ -390,6 +427,7 @@ async fn run_config(
         output: output.clone(),
         quality: Some(a.quality),
         crop_mode: Some(cfg.mode),
+        pixel_path: Some(cfg.pixel),
     };
     let payloads: Vec<Vec<u8>> =
         (0..a.tasks).map(|i| produce::task_from_template(&template, &run_id, i).to_json()).collect();
@@ -426,7 +464,8 @@ async fn run_config(
             .expect("template")
             .progress_chars("=> "),
     );
-    let mode = if a.crop_modes.len() > 1 { format!(" {}", cfg.mode) } else { String::new() };
+    let several = variants(a).len() > 1;
+    let mode = if several { format!(" {}", cfg.variant()) } else { String::new() };
     bar.set_prefix(format!("{}/{} {}{mode}", index + 1, of, cfg.describe()));
     let collected = collect_results(
         &*results_q,
@@ -453,14 +492,14 @@ async fn run_config(
     };
     let record = collector.record(
         RunRecord {
-            label: match (&a.label, cfg.mode) {
-                (Some(l), _) => l.clone(),
-                (None, CropMode::Decode) if a.crop_modes.len() == 1 => tasks_q.backend().to_string(),
-                (None, mode) => format!("{}-{mode}", tasks_q.backend()),
+            label: match &a.label {
+                Some(l) => l.clone(),
+                None if !several && cfg.variant() == "decode" => tasks_q.backend().to_string(),
+                None => format!("{}-{}", tasks_q.backend(), cfg.variant()),
             },
             backend: tasks_q.backend().into(),
             storage: storage.into(),
-            mode: cfg.mode.to_string(),
+            mode: cfg.variant(),
             processes: cfg.processes,
             threads: cfg.threads,
             upload_concurrency: cfg.upload_concurrency,

@@ -73,6 +73,9 @@ struct Enqueue {
     /// Crop mode for these tasks: decode or lossless [default: the worker's].
     #[arg(long, env = "CROPFLEET_CROP_MODE")]
     crop_mode: Option<cropfleet::task::CropMode>,
+    /// Decode mode's pixel path for these tasks: planar or rgb [default: the worker's].
+    #[arg(long, env = "CROPFLEET_PIXEL_PATH")]
+    pixel_path: Option<cropfleet::task::PixelPath>,
     /// JSONL manifest, one task object per line ("-" = stdin); v, id and run_id are filled in.
     #[arg(long, env = "CROPFLEET_MANIFEST", conflicts_with_all = ["image", "crops", "output"])]
     manifest: Option<String>,
@@ -153,6 +156,7 @@ async fn enqueue(a: Enqueue) -> anyhow::Result<()> {
                 output: a.output.clone().expect("required by clap"),
                 quality: a.quality,
                 crop_mode: a.crop_mode,
+                pixel_path: a.pixel_path,
             };
             if let Some(c) = checker.as_mut() {
                 let ok = c.check(&t.image, &t.crops, &t.output).context(CHECK_HINT)?;

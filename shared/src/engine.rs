@@ -17,9 +17,10 @@ use crate::exif;
 
 mod error;
 mod job;
+pub mod planar;
 
 pub use error::EngineError;
-pub use job::{run_job, CropBatch, CropMode, JobReport, JobSpec, JobTimings};
+pub use job::{run_job, CropBatch, CropMode, JobReport, JobSpec, JobTimings, PixelPath};
 
 /// Default limit on source pixels (width × height), checked from the header before decoding.
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
@@ -367,11 +368,21 @@ fn compress(c: &mut Compressor, out: &mut Vec<u8>, image: Image<&[u8]>, quality:
 
 /// Cut and encode every box on the current rayon pool, handing finished crops to `sink` in
 /// small batches as soon as each batch is ready (from whichever pool thread encoded it).
-/// Batching (about four per pool thread) keeps the crops flowing early while cutting the
-/// cross-thread wake-ups per task from one per crop to a handful. Boxes must be checked first.
+/// Boxes must be checked first.
 pub fn encode_all<F>(img: &Decoded, boxes: &[CropBox], quality: u8, sink: F) -> Result<(), EngineError>
 where
     F: Fn(Vec<(usize, Vec<u8>)>) + Sync,
+{
+    for_each_batch(boxes, sink, |i, b| encode_crop(img, i, b, quality))
+}
+
+/// `encode` every box on the current rayon pool, in batches of about four per pool thread:
+/// that keeps crops flowing to `sink` early while cutting the cross-thread wake-ups per task
+/// from one per crop to a handful.
+fn for_each_batch<F, E>(boxes: &[CropBox], sink: F, encode: E) -> Result<(), EngineError>
+where
+    F: Fn(Vec<(usize, Vec<u8>)>) + Sync,
+    E: Fn(usize, &CropBox) -> Result<Vec<u8>, EngineError> + Sync,
 {
     use rayon::prelude::*;
     let batches = (rayon::current_num_threads() * 4).max(1);
@@ -380,7 +391,7 @@ where
         let mut out = Vec::with_capacity(part.len());
         for (k, b) in part.iter().enumerate() {
             let i = c * chunk + k;
-            out.push((i, encode_crop(img, i, b, quality)?));
+            out.push((i, encode(i, b)?));
         }
         sink(out);
         Ok(())

@@ -23,7 +23,7 @@ use crate::crops::CropBox;
 use crate::engine::EngineError;
 use crate::engine::{self, Format};
 use crate::lossless;
-use crate::task::CropMode;
+use crate::task::{CropMode, PixelPath};
 
 /// Two floors (before and after a grid) further apart than this, in percent of the smaller,
 /// flag the run: the machine's speed changed while it ran.
@@ -117,9 +117,12 @@ fn thread_cpu_ms() -> f64 {
 }
 
 /// What a floor measured, for records: `libjpeg-turbo decode + 50 encodes` etc.
-pub fn method(format_is_jpeg: bool, mode: CropMode, crops: usize, lossless_ok: bool) -> String {
+pub fn method(format_is_jpeg: bool, mode: CropMode, crops: usize, lossless_ok: bool, planar_ok: bool) -> String {
     match (mode, lossless_ok, format_is_jpeg) {
         (CropMode::Lossless, true, _) => format!("lossless bit copy of {crops} crops, 1 thread"),
+        (CropMode::Decode, _, true) if planar_ok => {
+            format!("libjpeg-turbo decode to YCbCr planes + {crops} encodes from planes, 1 thread")
+        }
         (_, _, true) => format!("libjpeg-turbo decode + {crops} encodes, 1 thread"),
         (_, _, false) => format!("engine decode (image crate) + {crops} libjpeg-turbo encodes, 1 thread"),
     }
@@ -134,17 +137,27 @@ pub fn measure(
     boxes: &[CropBox],
     quality: u8,
     mode: CropMode,
+    pixel: PixelPath,
     budget: Duration,
 ) -> Result<(FloorSample, String), EngineError> {
     let info = engine::probe(source, u64::MAX)?;
     let jpeg = info.format == Format::Jpeg;
     let lossless_ok = mode == CropMode::Lossless && lossless::can_transform(source).is_ok();
-    let what = method(jpeg, mode, boxes.len(), lossless_ok);
+    let planar_ok =
+        mode == CropMode::Decode && pixel == PixelPath::Planar && engine::planar::eligible(source, &info).is_ok();
+    let what = method(jpeg, mode, boxes.len(), lossless_ok, planar_ok);
     let codec_err = |e: turbojpeg::Error| EngineError::Decode(format!("floor measurement: {e}"));
     let mut raw = RawCodec::new(quality).map_err(codec_err)?;
     let mut once = || -> Result<(), EngineError> {
         if lossless_ok {
             std::hint::black_box(lossless::crop_all(source, boxes)?);
+        } else if planar_ok {
+            // The planar path's own calls are the raw TurboJPEG ones, here on one thread.
+            let p = engine::planar::decode(source, &info)?;
+            for (i, b) in boxes.iter().enumerate() {
+                let clamped = clamp(b, p.width, p.height);
+                std::hint::black_box(engine::planar::encode_crop(&p, i, &clamped, quality)?);
+            }
         } else if jpeg {
             raw.decode(source).map_err(codec_err)?;
             std::hint::black_box(raw.encode_crops(boxes).map_err(codec_err)?);
@@ -260,16 +273,16 @@ mod tests {
         let jpeg = sample::encode_jpeg(&rgb, 320, 240, 90, false);
         let boxes = sample::boxes(320, 240, 5, 1);
         let budget = Duration::from_millis(1);
-        let (d, what) = measure(&jpeg, &boxes, 85, CropMode::Decode, budget).unwrap();
+        let (d, what) = measure(&jpeg, &boxes, 85, CropMode::Decode, PixelPath::Rgb, budget).unwrap();
         assert!(d.reps >= 3 && d.min_ms > 0.0 && d.min_ms <= d.median_ms && d.median_ms <= d.max_ms, "{d:?}");
         assert!(d.median_wall_ms > 0.0, "{d:?}");
         assert_eq!(what, "libjpeg-turbo decode + 5 encodes, 1 thread");
-        let (_, what) = measure(&jpeg, &boxes, 85, CropMode::Lossless, budget).unwrap();
+        let (_, what) = measure(&jpeg, &boxes, 85, CropMode::Lossless, PixelPath::Rgb, budget).unwrap();
         assert_eq!(what, "lossless bit copy of 5 crops, 1 thread");
         // A progressive source is no obstacle; garbage is an error, not a number.
         let prog = sample::encode_jpeg(&rgb, 320, 240, 90, true);
-        measure(&prog, &boxes, 85, CropMode::Decode, budget).unwrap();
-        assert!(measure(b"not an image", &boxes, 85, CropMode::Decode, budget).is_err());
+        measure(&prog, &boxes, 85, CropMode::Decode, PixelPath::Rgb, budget).unwrap();
+        assert!(measure(b"not an image", &boxes, 85, CropMode::Decode, PixelPath::Planar, budget).is_err());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Template {
     pub quality: Option<u8>,
     /// Crop mode stamped on every task (`None`: the worker's default).
     pub crop_mode: Option<CropMode>,
+    /// Pixel path stamped on every task (`None`: the worker's default).
+    pub pixel_path: Option<crate::task::PixelPath>,
 }
 
 /// Task `index` of run `run_id`: id `{run_id}-{index:06}`.
@@ -48,6 +50,7 @@ pub fn task_from_template(t: &Template, run_id: &str, index: usize) -> Task {
         output: t.output.clone(),
         quality: t.quality,
         crop_mode: t.crop_mode,
+        pixel_path: t.pixel_path,
         enqueued_ms: Some(now_ms()),
     }
 }

@@ -423,6 +423,8 @@ mod tests {
             output: "o".into(),
             mode: CropMode::Decode,
             fallback: None,
+            pixel_path: None,
+            pixel_fallback: None,
             written_boxes: None,
             width: 10,
             height: 10,

@@ -26,7 +26,7 @@ pub enum CropsSpec {
     Uri(String),
 }
 
-pub use crate::engine::CropMode;
+pub use crate::engine::{CropMode, PixelPath};
 
 /// One unit of work: cut every box of `crops` out of `image`, store them under `output`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,9 @@ pub struct Task {
     /// Crop mode for this task; the worker's `--crop-mode` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crop_mode: Option<CropMode>,
+    /// Decode mode's pixel path for this task; the worker's `--pixel-path` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_path: Option<PixelPath>,
     /// When the producer enqueued the task (Unix epoch, milliseconds), for queue-wait latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueued_ms: Option<u64>,
@@ -185,6 +188,12 @@ pub struct ResultEvent {
     /// Why a task that asked for `lossless` was decoded instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Decode mode: the pixel path that ran (`planar` or `rgb`); absent for lossless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_path: Option<PixelPath>,
+    /// Why a task that asked for the planar path took the rgb path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_fallback: Option<String>,
     /// Lossless mode: the boxes actually written (snapped outward to the iMCU grid), in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_boxes: Option<Vec<CropBox>>,
@@ -303,13 +312,15 @@ mod schema_tests {
             output: "o".into(),
             quality: Some(80),
             crop_mode: Some(CropMode::Decode),
+            pixel_path: Some(PixelPath::Rgb),
             enqueued_ms: Some(1),
         };
         assert_eq!(keys(&serde_json::to_value(&full).unwrap()), keys(&s["properties"]));
         let mut required: Vec<String> =
             s["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
         required.sort();
-        let minimal = Task { run_id: None, quality: None, crop_mode: None, enqueued_ms: None, ..full };
+        let minimal =
+            Task { run_id: None, quality: None, crop_mode: None, pixel_path: None, enqueued_ms: None, ..full };
         assert_eq!(keys(&serde_json::to_value(&minimal).unwrap()), required);
     }
 
@@ -327,6 +338,8 @@ mod schema_tests {
             output: "o".into(),
             mode: CropMode::Lossless,
             fallback: Some("f".into()),
+            pixel_path: Some(PixelPath::Planar),
+            pixel_fallback: Some("p".into()),
             written_boxes: Some(vec![CropBox { x: 0, y: 0, w: 1, h: 1 }]),
             width: 1,
             height: 1,

@@ -20,7 +20,7 @@ use crate::error::{Failure, TaskError};
 use crate::queue::{ConsumerOptions, Delivery, Queue, QueueError};
 use crate::secret::redact;
 use crate::storage::{Location, Storage};
-use crate::task::{CropMode, CropsSpec, ResultEvent, StageTimes, Task, RESULT_VERSION};
+use crate::task::{CropMode, CropsSpec, PixelPath, ResultEvent, StageTimes, Task, RESULT_VERSION};
 use crate::telemetry as tm;
 use crate::util::now_ms;
 
@@ -53,6 +53,8 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Crop mode when a task names none.
     pub crop_mode: CropMode,
+    /// Decode mode's pixel path when a task names none (default planar).
+    pub pixel_path: PixelPath,
 }
 
 impl Default for WorkerConfig {
@@ -73,6 +75,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(25),
             worker_id: default_worker_id(),
             crop_mode: CropMode::Decode,
+            pixel_path: PixelPath::Planar,
         }
     }
 }
@@ -385,6 +388,7 @@ fn read_task(cfg: &WorkerConfig, storage: &Storage, payload: &[u8]) -> Result<Pl
     let out = out.join(&task.id);
     let spec = JobSpec {
         mode: task.crop_mode.unwrap_or(cfg.crop_mode),
+        pixel_path: task.pixel_path.unwrap_or(cfg.pixel_path),
         quality: task.quality.unwrap_or(cfg.quality),
         max_pixels: cfg.max_pixels,
         max_crops: cfg.max_crops,
@@ -551,6 +555,8 @@ fn result_event(
         output: plan.out.to_string(),
         mode: report.mode,
         fallback: report.fallback,
+        pixel_path: report.pixel_path,
+        pixel_fallback: report.pixel_fallback,
         written_boxes: report.written,
         width: report.width,
         height: report.height,

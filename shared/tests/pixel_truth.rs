@@ -68,3 +68,94 @@ fn boxes_refer_to_the_oriented_image() {
     let want = image::imageops::rotate90(&image::imageops::crop_imm(&stored, 0, h - 50, 40, 50).to_image());
     assert!(psnr(crop.as_raw(), want.as_raw()) >= 35.0);
 }
+
+/// Both pixel paths through the whole CPU job, for every chroma subsampling a camera or an
+/// editor writes, grayscale, odd and even box edges and sizes: every crop exact in size, and
+/// the planar path's PSNR against the source's own pixels at least the RGB path's minus 0.3 dB
+/// (the bound the planar path must hold to be the default). Prints both for the record.
+#[test]
+fn planar_and_rgb_paths_meet_the_quality_bound_for_every_subsampling() {
+    use cropfleet::engine::{run_job, JobSpec, PixelPath};
+    use turbojpeg::Subsamp;
+    let (w, h) = (1201, 901); // odd: partial MCUs and a last chroma sample covering one pixel
+    let rgb = sample::photo(w, h, 17);
+    let mut boxes = sample::boxes(w, h, 12, 5);
+    boxes.extend([
+        CropBox { x: 0, y: 0, w: 64, h: 64 },
+        CropBox { x: 1, y: 0, w: 63, h: 64 },
+        CropBox { x: 0, y: 1, w: 64, h: 63 },
+        CropBox { x: 3, y: 5, w: 201, h: 99 },
+        CropBox { x: 1, y: 1, w: 1, h: 1 },
+        CropBox { x: w as i64 - 101, y: h as i64 - 51, w: 101, h: 51 },
+        CropBox { x: 600, y: 400, w: 2, h: 3 },
+    ]);
+    for (name, ss) in [
+        ("4:2:0", Subsamp::Sub2x2),
+        ("4:4:4", Subsamp::None),
+        ("4:2:2", Subsamp::Sub2x1),
+        ("4:4:0", Subsamp::Sub1x2),
+        ("4:1:1", Subsamp::Sub4x1),
+        ("gray", Subsamp::Gray),
+    ] {
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_quality(92).unwrap();
+        c.set_subsamp(ss).unwrap();
+        let (wu, hu) = (w as usize, h as usize);
+        let img = turbojpeg::Image {
+            pixels: &rgb[..],
+            width: wu,
+            pitch: wu * 3,
+            height: hu,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let source = c.compress_to_vec(img).unwrap();
+        let reference = independent_decode(&source);
+        let mut worst = (f64::INFINITY, f64::INFINITY, f64::INFINITY); // (planar - rgb, planar, rgb)
+        let mut sum = (0.0, 0.0);
+        for path in [PixelPath::Planar, PixelPath::Rgb] {
+            let got = std::sync::Mutex::new(Vec::new());
+            let spec = JobSpec { pixel_path: path, quality: 85, ..JobSpec::default() };
+            let r = run_job(&source, &boxes, &spec, |b| got.lock().unwrap().extend(b)).unwrap();
+            assert_eq!(r.pixel_path, Some(path), "{name}: {:?}", r.pixel_fallback);
+            let mut crops = got.into_inner().unwrap();
+            crops.sort_by_key(|(i, _)| *i);
+            assert_eq!(crops.len(), boxes.len());
+            for ((i, jpeg), b) in crops.iter().zip(&boxes) {
+                let got = independent_decode(jpeg);
+                assert_eq!(got.dimensions(), (b.w as u32, b.h as u32), "{name} {path}: crop #{i} size");
+                let want =
+                    image::imageops::crop_imm(&reference, b.x as u32, b.y as u32, b.w as u32, b.h as u32).to_image();
+                let p = psnr(got.as_raw(), want.as_raw()).min(99.0);
+                match path {
+                    PixelPath::Planar => {
+                        sum.0 += p;
+                        worst.1 = p; // paired below with the same crop's RGB figure
+                        PLANAR.with(|v| v.borrow_mut().push(p));
+                    }
+                    PixelPath::Rgb => {
+                        sum.1 += p;
+                        let pp = PLANAR.with(|v| v.borrow()[*i]);
+                        if pp - p < worst.0 {
+                            worst = (pp - p, pp, p);
+                        }
+                        assert!(pp >= p - 0.3, "{name}: crop #{i} {b}: planar {pp:.2} dB < rgb {p:.2} dB - 0.3");
+                    }
+                }
+            }
+        }
+        PLANAR.with(|v| v.borrow_mut().clear());
+        let n = boxes.len() as f64;
+        println!(
+            "{name}: mean PSNR planar {:.2} dB, rgb {:.2} dB; worst crop planar - rgb {:+.2} dB ({:.2} vs {:.2})",
+            sum.0 / n,
+            sum.1 / n,
+            worst.0,
+            worst.1,
+            worst.2
+        );
+    }
+}
+
+thread_local! {
+    static PLANAR: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}

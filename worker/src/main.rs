@@ -50,6 +50,12 @@ struct Args {
     /// grid; other sources fall back to decode and the result event says why).
     #[arg(long, env = "CROPFLEET_CROP_MODE", default_value = "decode")]
     crop_mode: cropfleet::task::CropMode,
+    /// Decode mode's pixels when a task names none: planar (YCbCr JPEGs decoded to their planes,
+    /// crops encoded 4:2:0 from plane windows, no colour conversion; EXIF-rotated, CMYK, PNG and
+    /// WebP sources take rgb, and the result event says why) or rgb (decode to packed RGB,
+    /// encode each crop from RGB).
+    #[arg(long, env = "CROPFLEET_PIXEL_PATH", default_value = "planar")]
+    pixel_path: cropfleet::task::PixelPath,
     /// Largest source image accepted, in pixels (checked from the header, before decoding).
     #[arg(long, env = "CROPFLEET_MAX_PIXELS", default_value_t = engine::DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
@@ -134,6 +140,7 @@ async fn run(args: Args, http_addr_given: bool) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
         worker_id: args.worker_id.clone().unwrap_or(defaults.worker_id),
         crop_mode: args.crop_mode,
+        pixel_path: args.pixel_path,
         ..defaults
     };
     let metrics = http::install_metrics()?;

@@ -5,8 +5,11 @@
 //!
 //! The paths a job can take, chosen from [`JobSpec::mode`] and the source:
 //! - **decode** ([`CropMode::Decode`], and every source the lossless path declines): decode once
-//!   (header check, pixel limit, EXIF orientation), then cut and encode every box on the current
-//!   rayon pool ([`super::encode_all`]);
+//!   (header check, pixel limit), then cut and encode every box on the current rayon pool, by
+//!   one of two pixel paths ([`PixelPath`]): **planar** (default) — a YCbCr or grayscale JPEG
+//!   decoded to its planes and each crop encoded from plane windows, no colour conversion
+//!   ([`super::planar`]); **rgb** — decoded to packed RGB with EXIF orientation applied, each crop
+//!   encoded from RGB ([`super::encode_all`]); sources the planar path does not take go this way;
 //! - **lossless** ([`CropMode::Lossless`] on a JPEG that [`lossless::can_transform`] accepts):
 //!   every crop cut in the DCT domain in one pass ([`lossless::crop_all`]), boxes snapped to the
 //!   iMCU grid, no decode and no re-encode.
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode_all, probe, EngineError};
+use super::{decode, encode_all, planar, probe, EngineError};
 use crate::crops::{self, CropBox};
 use crate::lossless;
 
@@ -54,6 +57,38 @@ impl std::fmt::Display for CropMode {
     }
 }
 
+/// Which pixels decode mode cuts crops from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelPath {
+    /// YCbCr planes, crops encoded 4:2:0 without colour conversion (default); sources it does
+    /// not take (EXIF-rotated, CMYK, PNG, WebP) use `rgb`.
+    #[default]
+    Planar,
+    /// Packed RGB: decode with colour conversion, encode each crop from RGB.
+    Rgb,
+}
+
+impl std::str::FromStr for PixelPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "planar" => Ok(PixelPath::Planar),
+            "rgb" => Ok(PixelPath::Rgb),
+            other => Err(format!("unknown pixel path {other:?} (planar, rgb)")),
+        }
+    }
+}
+
+impl std::fmt::Display for PixelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PixelPath::Planar => "planar",
+            PixelPath::Rgb => "rgb",
+        })
+    }
+}
+
 /// Encoded crops handed to the sink: `(index in the box list, JPEG bytes)`, a few at a time.
 pub type CropBatch = Vec<(usize, Vec<u8>)>;
 
@@ -62,6 +97,8 @@ pub type CropBatch = Vec<(usize, Vec<u8>)>;
 pub struct JobSpec {
     /// How to cut (lossless falls back to decode for sources it cannot handle).
     pub mode: CropMode,
+    /// Decode mode's pixels (planar falls back to rgb for sources it cannot handle).
+    pub pixel_path: PixelPath,
     /// JPEG quality of re-encoded crops (the decode path), 1–100.
     pub quality: u8,
     /// Largest source accepted, in pixels, checked from the header before anything is decoded.
@@ -71,11 +108,12 @@ pub struct JobSpec {
 }
 
 impl Default for JobSpec {
-    /// Decode mode, quality [`super::DEFAULT_QUALITY`], [`super::DEFAULT_MAX_PIXELS`],
+    /// Decode mode on the planar path, quality [`super::DEFAULT_QUALITY`], [`super::DEFAULT_MAX_PIXELS`],
     /// [`crops::DEFAULT_MAX_CROPS`].
     fn default() -> Self {
         JobSpec {
             mode: CropMode::Decode,
+            pixel_path: PixelPath::Planar,
             quality: super::DEFAULT_QUALITY,
             max_pixels: super::DEFAULT_MAX_PIXELS,
             max_crops: crops::DEFAULT_MAX_CROPS,
@@ -99,6 +137,10 @@ pub struct JobReport {
     pub mode: CropMode,
     /// Why the lossless path declined the source, when it did.
     pub fallback: Option<String>,
+    /// The pixel path that ran (decode mode; `None` on the lossless path).
+    pub pixel_path: Option<PixelPath>,
+    /// Why the planar path declined the source, when it was asked for and did.
+    pub pixel_fallback: Option<String>,
     /// The boxes actually written, when they differ from the requested ones (lossless: snapped).
     pub written: Option<Vec<CropBox>>,
     /// Width of the image as displayed (after EXIF orientation).
@@ -160,6 +202,8 @@ where
     Ok(JobReport {
         mode: CropMode::Lossless,
         fallback: None,
+        pixel_path: None,
+        pixel_fallback: None,
         written: Some(written),
         width,
         height,
@@ -167,7 +211,7 @@ where
     })
 }
 
-/// Decode once, then cut and encode every box in parallel.
+/// Decode once, then cut and encode every box in parallel, from planes or from RGB.
 fn decode_path<S, F>(
     source: S,
     boxes: &[CropBox],
@@ -180,6 +224,30 @@ where
     S: AsRef<[u8]>,
     F: Fn(CropBatch) + Sync,
 {
+    let mut pixel_fallback = None;
+    if spec.pixel_path == PixelPath::Planar {
+        let info = probe(source.as_ref(), spec.max_pixels)?;
+        match planar::eligible(source.as_ref(), &info) {
+            Ok(()) => {
+                let planes = planar::decode(source.as_ref(), &info)?;
+                drop(source);
+                let decode_time = started.elapsed();
+                let t = Instant::now();
+                planar::encode_all(&planes, boxes, spec.quality, sink)?;
+                return Ok(JobReport {
+                    mode: CropMode::Decode,
+                    fallback,
+                    pixel_path: Some(PixelPath::Planar),
+                    pixel_fallback: None,
+                    written: None,
+                    width: planes.width,
+                    height: planes.height,
+                    timings: JobTimings { decode: decode_time, crop_encode: t.elapsed() },
+                });
+            }
+            Err(reason) => pixel_fallback = Some(reason),
+        }
+    }
     let decoded = decode(source.as_ref(), spec.max_pixels)?;
     drop(source);
     let decode_time = started.elapsed();
@@ -188,6 +256,8 @@ where
     Ok(JobReport {
         mode: CropMode::Decode,
         fallback,
+        pixel_path: Some(PixelPath::Rgb),
+        pixel_fallback,
         written: None,
         width: decoded.width,
         height: decoded.height,
