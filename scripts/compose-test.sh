@@ -75,14 +75,15 @@ log "$CROPFLEET_IMAGE_TAG: $(docker image inspect -f '{{.Size}}' "$CROPFLEET_IMA
 summaries=()
 failed=0
 tmp_summary=$(mktemp)
-trap 'rm -f "$tmp_summary"' EXIT
+fail_reason=$(mktemp)
+trap 'rm -f "$tmp_summary" "$fail_reason"' EXIT
 
 # run_profile NAME: one whole scenario; returns non-zero on any failed check.
 run_profile() (
   set -euo pipefail
-  local profile=$1 t0=$SECONDS
-  local project=cropfleet-test-$profile
-  local data
+  # Not `local`: the EXIT trap below runs after bash has left this function's scope.
+  profile=$1 t0=$SECONDS
+  project=cropfleet-test-$profile
   data=$(mktemp -d "/tmp/cropfleet-compose-$profile-XXXXXX")
   chmod 755 "$data"
   # The profile's env file (COMPOSE_PROFILES, queue URIs) as environment: `docker compose` run by
@@ -97,8 +98,8 @@ run_profile() (
   export RABBITMQ_PORT RABBITMQ_MANAGEMENT_PORT PUBSUB_PORT GCS_PORT
   # The aggregator stops once it has counted every task (or after 10 idle minutes).
   export CROPFLEET_EXPECT=$tasks CROPFLEET_IDLE_SECS=600 CROPFLEET_PROCESSES=3
-  local dc=(docker compose)
-  local logs=$data/logs
+  dc=(docker compose)
+  logs=$data/logs
   mkdir -p "$logs"
 
   # shellcheck disable=SC2329 # run by the trap below
@@ -113,8 +114,10 @@ run_profile() (
   trap down EXIT
   fail() {
     log "$profile: FAILED: $*"
+    # The reason goes into the summary line too: CI shows the end of the output.
+    echo "compose-test $profile: FAILED: $*" >"$fail_reason"
     "${dc[@]}" ps -a >&2 || true
-    "${dc[@]}" logs --no-color --tail 30 >&2 || true
+    "${dc[@]}" logs --no-color --timestamps --tail 40 2>&1 | grep -v '/_internal/healthcheck' >&2 || true
     exit 1
   }
 
@@ -209,6 +212,10 @@ PY
   }
   t=$SECONDS
   "${dc[@]}" up -d --no-recreate --scale worker=3 worker >>"$logs/up.log" 2>&1 || fail "starting 3 workers"
+  # Each worker capped at 0.3 CPU: uncapped, 3 workers finish the 100 sample tasks in about 10 s,
+  # and a fault could miss the work it is meant to strike. The cap survives `docker start`.
+  # shellcheck disable=SC2046
+  docker update --cpus 0.3 $("${dc[@]}" ps -q worker) >/dev/null || fail "capping the workers' CPU"
   local w1 w2 n got kills=0 restarts=0 sigterm=""
   # Both faults strike whichever worker holds tasks (the Pub/Sub emulator has no flow control
   # and may hand one worker everything).
@@ -219,8 +226,9 @@ PY
   log "$profile: killed $(docker inspect -f '{{.Name}}' "$w1") holding $n tasks, at $(done_tasks) results"
   sleep 1
   docker start "$w1" >/dev/null
+  # Preferably another worker; the restarted one too, in case redelivery hands it the rest.
   # shellcheck disable=SC2046
-  got=$(busy $("${dc[@]}" ps -q worker | grep -v "^$w1"))
+  got=$(busy $("${dc[@]}" ps -q worker | grep -v "^$w1") "$w1")
   read -r w2 n <<<"$got"
   local stop_t0=$SECONDS grace
   grace=$(docker inspect -f '{{.Config.StopTimeout}}' "$w2")
@@ -322,13 +330,14 @@ for p in ${want[@]+"${want[@]}"}; do
   case "$p" in rabbitmq | pubsub) ;; *) log "unknown profile $p (rabbitmq, pubsub)"; exit 2 ;; esac
   # Not in a condition: bash would ignore `set -e` inside the whole function.
   set +e
+  : >"$fail_reason"
   run_profile "$p" >"$tmp_summary"
   rc=$?
   set -e
   if ((rc == 0)); then
     summaries+=("$(tail -1 "$tmp_summary")")
   else
-    summaries+=("compose-test $p: FAILED (see above)")
+    summaries+=("$(grep . "$fail_reason" || echo "compose-test $p: FAILED (exit $rc, see above)")")
     failed=1
   fi
   echo "${summaries[-1]}"

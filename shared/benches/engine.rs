@@ -1,9 +1,12 @@
 //! The engine on the 12 MP sample (50 crops, quality 85, 4:2:0), one thread:
-//! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit, the same
-//!   code the sweep's limit measurement runs (`cropfleet::floor`);
-//! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task (`task_1_thread`: decode, then
-//!   `encode_all`; `job_1_thread`: the same through `engine::run_job`, the function the worker
-//!   schedules, with its header and box checks);
+//! - `floor/*`: raw libjpeg-turbo with reused buffers and nothing else — the cost limit of each
+//!   pixel path, the same code the sweep's limit measurement runs (`cropfleet::floor`): `decode`
+//!   and `encode_50` through packed RGB; `planar_task`, a decode to YCbCr planes and 50 encodes
+//!   from plane windows (the planar path's own TurboJPEG calls, one thread, no pool);
+//! - `engine/*`: cropfleet's decode, crop+encode and whole CPU task (`task_1_thread`: RGB decode,
+//!   then `encode_all`; `job_1_thread` / `job_1_thread_rgb`: through `engine::run_job`, the
+//!   function the worker schedules, with its header and box checks, on the planar (default) and
+//!   the RGB pixel path);
 //! - `progressive/decode`: the same image saved progressive (slow on purpose).
 //!
 //! Run: `cargo bench -p cropfleet --bench engine`.
@@ -43,6 +46,15 @@ fn benches(c: &mut Criterion) {
     let mut raw = RawCodec::new(85).unwrap();
     g.bench_function("decode", |b| b.iter(|| raw.decode(&jpeg).unwrap()));
     g.bench_function("encode_50", |b| b.iter(|| black_box(raw.encode_crops(&boxes).unwrap())));
+    let info = engine::probe(&jpeg, u64::MAX).unwrap();
+    g.bench_function("planar_task", |b| {
+        b.iter(|| {
+            let p = engine::planar::decode(&jpeg, &info).unwrap();
+            let total: usize =
+                boxes.iter().enumerate().map(|(i, bx)| engine::planar::encode_crop(&p, i, bx, 85).unwrap().len()).sum();
+            black_box(total)
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("engine");
@@ -72,20 +84,24 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
-    g.bench_function("job_1_thread", |b| {
-        let spec = engine::JobSpec::default();
-        b.iter(|| {
-            pool.install(|| {
-                let n = std::sync::atomic::AtomicUsize::new(0);
-                engine::run_job(&jpeg[..], &boxes, &spec, |batch| {
-                    let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
-                    n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    for (name, pixel_path) in
+        [("job_1_thread", engine::PixelPath::Planar), ("job_1_thread_rgb", engine::PixelPath::Rgb)]
+    {
+        g.bench_function(name, |b| {
+            let spec = engine::JobSpec { pixel_path, ..engine::JobSpec::default() };
+            b.iter(|| {
+                pool.install(|| {
+                    let n = std::sync::atomic::AtomicUsize::new(0);
+                    engine::run_job(&jpeg[..], &boxes, &spec, |batch| {
+                        let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+                        n.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    })
+                    .unwrap();
+                    black_box(n.into_inner())
                 })
-                .unwrap();
-                black_box(n.into_inner())
             })
-        })
-    });
+        });
+    }
     g.finish();
 
     let rgb = turbojpeg::decompress(&jpeg, PixelFormat::RGB).unwrap();

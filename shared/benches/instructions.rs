@@ -7,7 +7,9 @@
 //!   sweep's limit);
 //! - `engine_decode`, `engine_crop_encode_50`: the engine's two halves;
 //! - `engine_task_1_thread`: decode + `encode_all` on a 1-thread pool (the worker's CPU job);
-//! - `lossless_crop_all_50`: the lossless mode's bit copy.
+//! - `lossless_crop_all_50`: the lossless mode's bit copy;
+//! - `job_rgb_1_thread`, `job_planar_1_thread`: `engine::run_job` (the function the worker
+//!   schedules, with its header and box checks) on a 1-thread pool, on each pixel path.
 //!
 //! How: the bench runs itself once per measurement under `valgrind --tool=callgrind
 //! --toggle-collect=<that function>`, which counts only the instructions executed inside one
@@ -26,8 +28,15 @@ use cropfleet::{engine, lossless, sample, CropBox};
 
 const CHILD: &str = "CROPFLEET_INSTRUCTIONS_CHILD";
 const QUALITY: u8 = 85;
-const NAMES: [&str; 5] =
-    ["floor_task_50", "engine_decode", "engine_crop_encode_50", "engine_task_1_thread", "lossless_crop_all_50"];
+const NAMES: [&str; 7] = [
+    "floor_task_50",
+    "engine_decode",
+    "engine_crop_encode_50",
+    "engine_task_1_thread",
+    "lossless_crop_all_50",
+    "job_rgb_1_thread",
+    "job_planar_1_thread",
+];
 
 fn workload_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cropfleet-bench-workload")
@@ -75,6 +84,27 @@ fn measured_lossless_crop_all_50(jpeg: &[u8], boxes: &[CropBox]) -> usize {
     lossless::crop_all(jpeg, boxes).unwrap().iter().map(|c| c.jpeg.len()).sum()
 }
 
+fn run_job(jpeg: &[u8], boxes: &[CropBox], pixel_path: engine::PixelPath) -> usize {
+    let spec = engine::JobSpec { pixel_path, quality: QUALITY, ..engine::JobSpec::default() };
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let report = engine::run_job(jpeg, boxes, &spec, |batch| {
+        n.fetch_add(batch.iter().map(|(_, b)| b.len()).sum(), std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(report.pixel_path, Some(pixel_path), "{report:?}");
+    n.into_inner()
+}
+
+#[inline(never)]
+fn measured_job_rgb_1_thread(jpeg: &[u8], boxes: &[CropBox]) -> usize {
+    run_job(jpeg, boxes, engine::PixelPath::Rgb)
+}
+
+#[inline(never)]
+fn measured_job_planar_1_thread(jpeg: &[u8], boxes: &[CropBox]) -> usize {
+    run_job(jpeg, boxes, engine::PixelPath::Planar)
+}
+
 /// Under callgrind: a warm-up call, then the measured one.
 fn child(name: &str) {
     cropfleet::util::keep_allocations_resident();
@@ -107,6 +137,18 @@ fn child(name: &str) {
         "lossless_crop_all_50" => {
             black_box(lossless::crop_all(&jpeg, &boxes[..1]).unwrap());
             black_box(measured_lossless_crop_all_50(&jpeg, &boxes));
+        }
+        "job_rgb_1_thread" | "job_planar_1_thread" => {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            pool.install(|| {
+                if name == "job_rgb_1_thread" {
+                    black_box(run_job(&jpeg, &boxes, engine::PixelPath::Rgb));
+                    black_box(measured_job_rgb_1_thread(&jpeg, &boxes))
+                } else {
+                    black_box(run_job(&jpeg, &boxes, engine::PixelPath::Planar));
+                    black_box(measured_job_planar_1_thread(&jpeg, &boxes))
+                }
+            });
         }
         other => panic!("unknown measurement {other}"),
     }

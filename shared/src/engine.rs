@@ -459,15 +459,7 @@ mod tests {
     #[test]
     fn png_and_grayscale_and_cmyk_sources() {
         let rgb = sample::photo(40, 30, 1);
-        let mut png = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut png),
-            &rgb,
-            40,
-            30,
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
+        let png = sample::encode_png(&rgb, 40, 30);
         let d = decode(&png, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(d.rgb(), &rgb[..]);
 

@@ -279,6 +279,13 @@ mod tests {
         assert_eq!(what, "libjpeg-turbo decode + 5 encodes, 1 thread");
         let (_, what) = measure(&jpeg, &boxes, 85, CropMode::Lossless, PixelPath::Rgb, budget).unwrap();
         assert_eq!(what, "lossless bit copy of 5 crops, 1 thread");
+        let (p, what) = measure(&jpeg, &boxes, 85, CropMode::Decode, PixelPath::Planar, budget).unwrap();
+        assert_eq!(what, "libjpeg-turbo decode to YCbCr planes + 5 encodes from planes, 1 thread");
+        assert!(p.reps >= 3 && p.median_ms > 0.0, "{p:?}");
+        // A source the planar path does not take is measured on the path the worker would run.
+        let png = sample::encode_png(&rgb, 320, 240);
+        let (_, what) = measure(&png, &boxes, 85, CropMode::Decode, PixelPath::Planar, budget).unwrap();
+        assert_eq!(what, "engine decode (image crate) + 5 libjpeg-turbo encodes, 1 thread");
         // A progressive source is no obstacle; garbage is an error, not a number.
         let prog = sample::encode_jpeg(&rgb, 320, 240, 90, true);
         measure(&prog, &boxes, 85, CropMode::Decode, PixelPath::Rgb, budget).unwrap();

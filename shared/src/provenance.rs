@@ -287,15 +287,7 @@ mod tests {
         assert!(w.describe_line().starts_with("64x48 jpeg baseline 4:2:0"), "{}", w.describe_line());
         let prog = crate::sample::encode_jpeg(&rgb, 64, 48, 90, true);
         assert_eq!(Workload::describe("p.jpg", &prog, 1, 85).process, "progressive");
-        let mut png_bytes = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut png_bytes),
-            &rgb,
-            64,
-            48,
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
+        let png_bytes = crate::sample::encode_png(&rgb, 64, 48);
         let png = Workload::describe("x.png", &png_bytes, 1, 85);
         assert_eq!((png.format.as_str(), png.width, png.process.as_str()), ("png", 64, "n/a"));
         let junk = Workload::describe("x", b"nope", 3, 85);

@@ -132,6 +132,20 @@ pub fn encode_jpeg(rgb: &[u8], width: u32, height: u32, quality: u8, progressive
     c.compress_to_vec(img).expect("encode sample")
 }
 
+/// Encode RGB pixels as a PNG (for tests of the non-JPEG paths).
+pub fn encode_png(rgb: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        rgb,
+        width,
+        height,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("encode PNG");
+    png
+}
+
 /// Paths of a generated workload.
 #[derive(Debug, Clone)]
 pub struct Workload {

@@ -313,21 +313,39 @@ mod tests {
 
     #[test]
     fn lossless_falls_back_to_decode_with_the_reason() {
-        let mut png = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut png),
-            &sample::photo(64, 48, 1),
-            64,
-            48,
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
+        let png = sample::encode_png(&sample::photo(64, 48, 1), 64, 48);
         let spec = JobSpec { mode: CropMode::Lossless, ..JobSpec::default() };
         let (r, crops) = collect(&png, &[CropBox { x: 1, y: 2, w: 10, h: 10 }], &spec);
         let r = r.unwrap();
         assert_eq!(r.mode, CropMode::Decode);
         assert!(r.fallback.as_deref().is_some_and(|f| f.contains("PNG")), "{:?}", r.fallback);
         assert_eq!(crops.len(), 1);
+    }
+
+    #[test]
+    fn the_report_names_the_pixel_path_that_ran_and_why_rgb_did() {
+        let rgb = sample::photo(64, 48, 3);
+        let jpeg = sample::encode_jpeg(&rgb, 64, 48, 90, false);
+        let boxes = [CropBox { x: 3, y: 5, w: 20, h: 11 }, CropBox { x: 10, y: 10, w: 16, h: 16 }];
+        let path = |bytes: &[u8], spec: &JobSpec| {
+            let (r, crops) = collect(bytes, &boxes, spec);
+            let r = r.unwrap();
+            assert_eq!(crops.len(), boxes.len());
+            (r.pixel_path, r.pixel_fallback)
+        };
+        // The default takes the planar path for a YCbCr JPEG; rgb forced is no fallback.
+        assert_eq!(path(&jpeg, &JobSpec::default()), (Some(PixelPath::Planar), None));
+        let rgb_spec = JobSpec { pixel_path: PixelPath::Rgb, ..JobSpec::default() };
+        assert_eq!(path(&jpeg, &rgb_spec), (Some(PixelPath::Rgb), None));
+        // A PNG cannot go planar: the RGB path runs and the report says why.
+        let (p, why) = path(&sample::encode_png(&rgb, 64, 48), &JobSpec::default());
+        assert_eq!(p, Some(PixelPath::Rgb));
+        assert!(why.as_deref().is_some_and(|w| w.contains("Png")), "{why:?}");
+        // So does an EXIF-rotated JPEG (rotation is applied in RGB).
+        let rotated = exif::with_orientation(&jpeg, 6);
+        let (p, why) = path(&rotated, &JobSpec::default());
+        assert_eq!(p, Some(PixelPath::Rgb));
+        assert!(why.as_deref().is_some_and(|w| w.contains("orientation 6")), "{why:?}");
     }
 
     #[test]
