@@ -715,7 +715,25 @@ fn chaos(backend: Backend, store: Store) {
     assert!(next == plan.len(), "not every fault ran: {fault_log:?}");
     assert!(term_ok, "the SIGTERMed worker did not drain and exit 0: {:?}\n{logs}", workers.ended);
     assert!(crashes.is_empty(), "workers ended unexpectedly: {crashes:?}\n{logs}");
-    assert_eq!(lost, 0, "lost crops: {:?}\n{logs}", &missing[..missing.len().min(20)]);
+    // What every worker said about the tasks without a result (any level), to tell a task that
+    // was never redelivered from one that hung or kept failing.
+    let about_lost: Vec<String> = (0..workers.started)
+        .flat_map(|i| {
+            let log = std::fs::read_to_string(d.join(format!("worker-{i}.log"))).unwrap_or_default();
+            log.lines()
+                .filter(|l| no_result.iter().any(|id| l.contains(id.as_str())))
+                .map(|l| format!("worker-{i}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let about_lost = about_lost[about_lost.len().saturating_sub(40)..].join("\n");
+    assert_eq!(
+        lost,
+        0,
+        "lost crops: {:?}\nworker log lines naming the {} tasks without a result ({no_result:?}):\n{about_lost}\n{logs}",
+        &missing[..missing.len().min(20)],
+        no_result.len()
+    );
     assert_eq!(unexpected, 0, "unexpected objects\n{logs}");
     assert!(unknown_events.is_empty(), "result events for unknown tasks: {unknown_events:?}");
     assert!(valid_dead.is_empty(), "valid tasks dead-lettered: {valid_dead:#?}\n{logs}");

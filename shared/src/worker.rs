@@ -175,9 +175,22 @@ impl Worker {
                 _ = &mut shutdown => break,
                 s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
             };
-            let next = tokio::select! {
-                _ = &mut shutdown => break,
-                n = consumer.next(Duration::from_millis(250)) => n,
+            // A receive is never abandoned half-way: the spool claims a message (a rename) in a
+            // blocking task that finishes even when its future is dropped, and a claim dropped
+            // here would sit in `inflight/` until its lease ran out. So on shutdown the receive
+            // still completes (within its 250 ms wait), what it got is processed and drained,
+            // and then the loop stops.
+            let mut stopping = false;
+            let next = {
+                let receive = consumer.next(Duration::from_millis(250));
+                tokio::pin!(receive);
+                tokio::select! {
+                    n = &mut receive => n,
+                    _ = &mut shutdown => {
+                        stopping = true;
+                        receive.await
+                    }
+                }
             };
             match next {
                 Ok(Some(delivery)) => {
@@ -205,9 +218,14 @@ impl Worker {
                     drop(slot);
                     state.ready.store(false, Ordering::SeqCst);
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "receiving from the queue failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if !stopping {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                 }
+            }
+            if stopping {
+                break;
             }
         }
         state.draining.store(true, Ordering::SeqCst);
