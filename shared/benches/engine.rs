@@ -47,6 +47,20 @@ fn benches(c: &mut Criterion) {
     g.bench_function("decode", |b| b.iter(|| raw.decode(&jpeg).unwrap()));
     g.bench_function("encode_50", |b| b.iter(|| black_box(raw.encode_crops(&boxes).unwrap())));
     let info = engine::probe(&jpeg, u64::MAX).unwrap();
+    // The planar path's two halves, for the decode | 50 encodes | task table in the README.
+    g.bench_function("planar_decode", |b| b.iter(|| black_box(engine::planar::decode(&jpeg, &info).unwrap())));
+    let planes = engine::planar::decode(&jpeg, &info).unwrap();
+    g.bench_function("planar_encode_50", |b| {
+        b.iter(|| {
+            let total: usize = boxes
+                .iter()
+                .enumerate()
+                .map(|(i, bx)| engine::planar::encode_crop(&planes, i, bx, 85).unwrap().len())
+                .sum();
+            black_box(total)
+        })
+    });
+    drop(planes);
     g.bench_function("planar_task", |b| {
         b.iter(|| {
             let p = engine::planar::decode(&jpeg, &info).unwrap();

@@ -69,13 +69,58 @@ fn boxes_refer_to_the_oriented_image() {
     assert!(psnr(crop.as_raw(), want.as_raw()) >= 35.0);
 }
 
-/// Both pixel paths through the whole CPU job, for every chroma subsampling a camera or an
-/// editor writes, grayscale, odd and even box edges and sizes: every crop exact in size, and
-/// the planar path's PSNR against the source's own pixels at least the RGB path's minus 0.3 dB
-/// (the bound the planar path must hold to be the default). Prints both for the record.
+/// Both paths through the whole CPU job on `source`: every crop exact in size, and each crop's
+/// planar PSNR against the source's own pixels (an independent decode) at least its RGB PSNR
+/// minus 0.3 dB — the bound the planar path must hold to be the default. Prints both for the
+/// record.
+fn planar_holds_the_quality_bound(name: &str, source: &[u8], boxes: &[CropBox]) {
+    use cropfleet::engine::{run_job, JobSpec, PixelPath};
+    let reference = independent_decode(source);
+    let mut by_path = Vec::new();
+    for path in [PixelPath::Planar, PixelPath::Rgb] {
+        let got = std::sync::Mutex::new(Vec::new());
+        let spec = JobSpec { pixel_path: path, quality: 85, ..JobSpec::default() };
+        let r = run_job(source, boxes, &spec, |b| got.lock().unwrap().extend(b)).unwrap();
+        assert_eq!(r.pixel_path, Some(path), "{name}: {:?}", r.pixel_fallback);
+        let mut crops = got.into_inner().unwrap();
+        crops.sort_by_key(|(i, _)| *i);
+        assert_eq!(crops.len(), boxes.len());
+        let psnrs: Vec<f64> = crops
+            .iter()
+            .zip(boxes)
+            .map(|((i, jpeg), b)| {
+                let got = independent_decode(jpeg);
+                assert_eq!(got.dimensions(), (b.w as u32, b.h as u32), "{name} {path}: crop #{i} size");
+                let want =
+                    image::imageops::crop_imm(&reference, b.x as u32, b.y as u32, b.w as u32, b.h as u32).to_image();
+                psnr(got.as_raw(), want.as_raw()).min(99.0)
+            })
+            .collect();
+        by_path.push(psnrs);
+    }
+    let (planar, rgb) = (&by_path[0], &by_path[1]);
+    let mut worst = (f64::INFINITY, 0.0, 0.0); // (planar - rgb, planar, rgb)
+    for (i, (&pp, &p)) in planar.iter().zip(rgb).enumerate() {
+        assert!(pp >= p - 0.3, "{name}: crop #{i} {}: planar {pp:.2} dB < rgb {p:.2} dB - 0.3", boxes[i]);
+        if pp - p < worst.0 {
+            worst = (pp - p, pp, p);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "{name}: mean PSNR planar {:.2} dB, rgb {:.2} dB; worst crop planar - rgb {:+.2} dB ({:.2} vs {:.2})",
+        mean(planar),
+        mean(rgb),
+        worst.0,
+        worst.1,
+        worst.2
+    );
+}
+
+/// The quality bound for every chroma subsampling a camera or an editor writes, grayscale, odd
+/// and even box edges and sizes.
 #[test]
 fn planar_and_rgb_paths_meet_the_quality_bound_for_every_subsampling() {
-    use cropfleet::engine::{run_job, JobSpec, PixelPath};
     use turbojpeg::Subsamp;
     let (w, h) = (1201, 901); // odd: partial MCUs and a last chroma sample covering one pixel
     let rgb = sample::photo(w, h, 17);
@@ -109,53 +154,18 @@ fn planar_and_rgb_paths_meet_the_quality_bound_for_every_subsampling() {
             format: turbojpeg::PixelFormat::RGB,
         };
         let source = c.compress_to_vec(img).unwrap();
-        let reference = independent_decode(&source);
-        let mut worst = (f64::INFINITY, f64::INFINITY, f64::INFINITY); // (planar - rgb, planar, rgb)
-        let mut sum = (0.0, 0.0);
-        for path in [PixelPath::Planar, PixelPath::Rgb] {
-            let got = std::sync::Mutex::new(Vec::new());
-            let spec = JobSpec { pixel_path: path, quality: 85, ..JobSpec::default() };
-            let r = run_job(&source, &boxes, &spec, |b| got.lock().unwrap().extend(b)).unwrap();
-            assert_eq!(r.pixel_path, Some(path), "{name}: {:?}", r.pixel_fallback);
-            let mut crops = got.into_inner().unwrap();
-            crops.sort_by_key(|(i, _)| *i);
-            assert_eq!(crops.len(), boxes.len());
-            for ((i, jpeg), b) in crops.iter().zip(&boxes) {
-                let got = independent_decode(jpeg);
-                assert_eq!(got.dimensions(), (b.w as u32, b.h as u32), "{name} {path}: crop #{i} size");
-                let want =
-                    image::imageops::crop_imm(&reference, b.x as u32, b.y as u32, b.w as u32, b.h as u32).to_image();
-                let p = psnr(got.as_raw(), want.as_raw()).min(99.0);
-                match path {
-                    PixelPath::Planar => {
-                        sum.0 += p;
-                        worst.1 = p; // paired below with the same crop's RGB figure
-                        PLANAR.with(|v| v.borrow_mut().push(p));
-                    }
-                    PixelPath::Rgb => {
-                        sum.1 += p;
-                        let pp = PLANAR.with(|v| v.borrow()[*i]);
-                        if pp - p < worst.0 {
-                            worst = (pp - p, pp, p);
-                        }
-                        assert!(pp >= p - 0.3, "{name}: crop #{i} {b}: planar {pp:.2} dB < rgb {p:.2} dB - 0.3");
-                    }
-                }
-            }
-        }
-        PLANAR.with(|v| v.borrow_mut().clear());
-        let n = boxes.len() as f64;
-        println!(
-            "{name}: mean PSNR planar {:.2} dB, rgb {:.2} dB; worst crop planar - rgb {:+.2} dB ({:.2} vs {:.2})",
-            sum.0 / n,
-            sum.1 / n,
-            worst.0,
-            worst.1,
-            worst.2
-        );
+        planar_holds_the_quality_bound(name, &source, &boxes);
     }
 }
 
-thread_local! {
-    static PLANAR: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+/// The quality bound on the sweep's own workload: the 12 MP sample and its 50 boxes (40 of
+/// them with an odd left or top edge).
+#[test]
+fn the_sample_s_50_crops_meet_the_quality_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = sample::write_workload(dir.path()).unwrap();
+    let source = std::fs::read(&w.image).unwrap();
+    let boxes = cropfleet::crops::parse_csv(&std::fs::read_to_string(&w.crops).unwrap()).unwrap();
+    assert_eq!(boxes.len(), sample::SAMPLE_CROPS);
+    planar_holds_the_quality_bound("sample 4000x3000 4:2:0", &source, &boxes);
 }
