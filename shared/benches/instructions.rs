@@ -28,8 +28,9 @@ use cropfleet::{engine, lossless, sample, CropBox};
 
 const CHILD: &str = "CROPFLEET_INSTRUCTIONS_CHILD";
 const QUALITY: u8 = 85;
-const NAMES: [&str; 7] = [
+const NAMES: [&str; 8] = [
     "floor_task_50",
+    "floor_planar_task_50",
     "engine_decode",
     "engine_crop_encode_50",
     "engine_task_1_thread",
@@ -55,6 +56,13 @@ fn workload() -> (Vec<u8>, Vec<CropBox>) {
 fn measured_floor_task_50(raw: &mut RawCodec, jpeg: &[u8], boxes: &[CropBox]) -> usize {
     raw.decode(jpeg).unwrap();
     raw.encode_crops(boxes).unwrap()
+}
+
+/// The planar path's floor as the sweep measures it: decode to planes, encode every box.
+#[inline(never)]
+fn measured_floor_planar_task_50(jpeg: &[u8], info: &engine::ImageInfo, boxes: &[CropBox]) -> usize {
+    let p = engine::planar::decode(jpeg, info).unwrap();
+    boxes.iter().enumerate().map(|(i, b)| engine::planar::encode_crop(&p, i, b, QUALITY).unwrap().len()).sum()
 }
 
 #[inline(never)]
@@ -115,6 +123,13 @@ fn child(name: &str) {
             raw.decode(&jpeg).unwrap();
             black_box(raw.encode_crops(&boxes).unwrap());
             black_box(measured_floor_task_50(&mut raw, &jpeg, &boxes));
+        }
+        "floor_planar_task_50" => {
+            let info = engine::probe(&jpeg, u64::MAX).unwrap();
+            let p = engine::planar::decode(&jpeg, &info).unwrap();
+            black_box(engine::planar::encode_crop(&p, 0, &boxes[0], QUALITY).unwrap());
+            drop(p);
+            black_box(measured_floor_planar_task_50(&jpeg, &info, &boxes));
         }
         "engine_decode" => {
             drop(engine::decode(&jpeg, engine::DEFAULT_MAX_PIXELS).unwrap());
