@@ -296,13 +296,7 @@ fn killed_worker_loses_nothing_and_duplicates_count_once() {
     let first = f.path("results/ready").join(&results[0]);
     let dup = f.path("results/ready").join(results[0].replace(".a1.json", "x.a1.json"));
     std::fs::copy(&first, &dup).unwrap();
-    let agg = f.path("agg");
-    run_ok(
-        "cropfleet-aggregator",
-        &["collect", "--results", &f.results, "--out", &agg.display().to_string(), "--idle-secs", "1"],
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap();
+    let runs = f.collect_runs(1);
     assert_eq!(runs[0]["tasks"], n as u64);
     assert!(runs[0]["duplicates"].as_u64().unwrap() >= 1);
 }

@@ -131,13 +131,7 @@ fn fleet(kill: bool) {
     assert_eq!(dead[0].payload, b"{not json");
     assert!(dead[0].reason.contains("not JSON"), "{}", dead[0].reason);
 
-    let agg = f.path("agg");
-    run_ok(
-        "cropfleet-aggregator",
-        &["collect", "--results", &f.results, "--out", &agg.display().to_string(), "--idle-secs", "3"],
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap();
+    let runs = f.collect_runs(3);
     assert_eq!(runs[0]["tasks"], TASKS as u64, "{runs}\n{}", f.logs());
     assert_eq!(runs[0]["backend"], "pubsub");
 }

@@ -131,13 +131,7 @@ fn broker_restart_during_a_run_loses_nothing() {
         assert!(w.wait().unwrap().success());
     }
     assert_eq!(f.outputs().len(), n * CROPS);
-    let agg = f.path("agg");
-    run_ok(
-        "cropfleet-aggregator",
-        &["collect", "--results", &f.results, "--out", &agg.display().to_string(), "--idle-secs", "2"],
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap();
+    let runs = f.collect_runs(2);
     assert_eq!(runs[0]["tasks"], n as u64, "{runs}\n{}", f.logs());
     assert!(f.logs().contains("receiving from the queue failed") || f.logs().contains("reconnect"), "{}", f.logs());
 }

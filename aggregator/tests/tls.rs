@@ -36,13 +36,7 @@ fn producer_workers_and_results_over_amqps_with_a_client_certificate() {
         assert!(w.wait().unwrap().success());
     }
     assert_eq!(f.outputs().len(), n * CROPS, "lost crops; logs:\n{}", f.logs());
-    let agg = f.path("agg");
-    run_ok(
-        "cropfleet-aggregator",
-        &["collect", "--results", &f.results, "--out", &agg.display().to_string(), "--idle-secs", "2"],
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap();
+    let runs = f.collect_runs(2);
     assert_eq!(runs[0]["tasks"], n as u64, "{runs}\n{}", f.logs());
     assert_eq!(runs[0]["backend"], "rabbitmq");
     let text = runs.to_string();

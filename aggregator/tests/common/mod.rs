@@ -122,6 +122,18 @@ impl Fleet {
     pub fn signal(&self, index: usize, sig: i32) {
         unsafe { libc::kill(self.workers[index].id() as i32, sig) };
     }
+
+    /// Run `cropfleet-aggregator collect` on the results queue until it has been idle for
+    /// `idle_secs`, into `agg/`; its runs.json.
+    pub fn collect_runs(&self, idle_secs: u32) -> serde_json::Value {
+        let agg = self.path("agg");
+        let idle = idle_secs.to_string();
+        run_ok(
+            "cropfleet-aggregator",
+            &["collect", "--results", &self.results, "--out", &agg.display().to_string(), "--idle-secs", &idle],
+        );
+        serde_json::from_str(&std::fs::read_to_string(agg.join("runs.json")).unwrap()).unwrap()
+    }
 }
 
 impl Drop for Fleet {
