@@ -162,7 +162,7 @@ impl Workers {
         let child = Command::new(bin("cropfleet-worker"))
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,cropfleet::worker=debug") // each task received and done, for a failure's story
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -80,6 +80,9 @@ impl Default for WorkerConfig {
     }
 }
 
+/// How long a receive under way when shutdown begins may still take (see [`Worker::run`]).
+const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// `hostname:pid`.
 pub fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -175,11 +178,12 @@ impl Worker {
                 _ = &mut shutdown => break,
                 s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
             };
-            // A receive is never abandoned half-way: the spool claims a message (a rename) in a
+            // A receive is not abandoned half-way: the spool claims a message (a rename) in a
             // blocking task that finishes even when its future is dropped, and a claim dropped
             // here would sit in `inflight/` until its lease ran out. So on shutdown the receive
-            // still completes (within its 250 ms wait), what it got is processed and drained,
-            // and then the loop stops.
+            // may still complete (its wait is 250 ms), what it got is processed and drained, and
+            // then the loop stops. Bounded, so a reconnect in progress (RabbitMQ's connect
+            // timeout is 10 s) cannot hold up SIGTERM; dropping that loses no message.
             let mut stopping = false;
             let next = {
                 let receive = consumer.next(Duration::from_millis(250));
@@ -188,7 +192,7 @@ impl Worker {
                     n = &mut receive => n,
                     _ = &mut shutdown => {
                         stopping = true;
-                        receive.await
+                        tokio::time::timeout(RECEIVE_ON_SHUTDOWN, receive).await.unwrap_or(Ok(None))
                     }
                 }
             };
@@ -273,6 +277,7 @@ async fn process(ctx: &Ctx, d: Delivery) {
     let task_id = peek_id(&payload);
     let span = info_span!("task", task_id = %task_id, msg = %id, attempt);
     async move {
+        debug!("task received");
         let result = handle(ctx, &payload, attempt).await;
         let settled = match result {
             Ok(ev) => match ctx.results.publish(&ev.to_json()).await {
