@@ -61,8 +61,7 @@ fn measured_floor_task_50(raw: &mut RawCodec, jpeg: &[u8], boxes: &[CropBox]) ->
 /// The planar path's floor as the sweep measures it: decode to planes, encode every box.
 #[inline(never)]
 fn measured_floor_planar_task_50(jpeg: &[u8], info: &engine::ImageInfo, boxes: &[CropBox]) -> usize {
-    let p = engine::planar::decode(jpeg, info).unwrap();
-    boxes.iter().enumerate().map(|(i, b)| engine::planar::encode_crop(&p, i, b, QUALITY).unwrap().len()).sum()
+    cropfleet::floor::planar_task(jpeg, info, boxes, QUALITY).unwrap()
 }
 
 #[inline(never)]

@@ -148,16 +148,12 @@ pub fn measure(
     let what = method(jpeg, mode, boxes.len(), lossless_ok, planar_ok);
     let codec_err = |e: turbojpeg::Error| EngineError::Decode(format!("floor measurement: {e}"));
     let mut raw = RawCodec::new(quality).map_err(codec_err)?;
+    let clamped: Vec<CropBox> = boxes.iter().map(|b| clamp(b, info.width, info.height)).collect();
     let mut once = || -> Result<(), EngineError> {
         if lossless_ok {
             std::hint::black_box(lossless::crop_all(source, boxes)?);
         } else if planar_ok {
-            // The planar path's own calls are the raw TurboJPEG ones, here on one thread.
-            let p = engine::planar::decode(source, &info)?;
-            for (i, b) in boxes.iter().enumerate() {
-                let clamped = clamp(b, p.width, p.height);
-                std::hint::black_box(engine::planar::encode_crop(&p, i, &clamped, quality)?);
-            }
+            std::hint::black_box(planar_task(source, &info, &clamped, quality)?);
         } else if jpeg {
             raw.decode(source).map_err(codec_err)?;
             std::hint::black_box(raw.encode_crops(boxes).map_err(codec_err)?);
@@ -189,6 +185,28 @@ pub fn measure(
         reps: cpu.len() as u32,
     };
     Ok((sample, what))
+}
+
+/// The planar path's codec work for one task, on this thread: decode `source` to its planes,
+/// then [`planar_encodes`]. The planar path's own calls are the raw TurboJPEG ones, so this is
+/// its floor (the sweep's, and the benches'). Returns the bytes written.
+pub fn planar_task(
+    source: &[u8],
+    info: &engine::ImageInfo,
+    boxes: &[CropBox],
+    quality: u8,
+) -> Result<usize, EngineError> {
+    let p = engine::planar::decode(source, info)?;
+    planar_encodes(&p, boxes, quality)
+}
+
+/// Encode every box (inside the image) of `p` from plane windows, one after another; bytes written.
+pub fn planar_encodes(p: &engine::planar::Planes, boxes: &[CropBox], quality: u8) -> Result<usize, EngineError> {
+    let mut bytes = 0;
+    for (i, b) in boxes.iter().enumerate() {
+        bytes += engine::planar::encode_crop(p, i, b, quality)?.len();
+    }
+    Ok(bytes)
 }
 
 fn clamp(b: &CropBox, width: u32, height: u32) -> CropBox {
